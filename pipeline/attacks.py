@@ -1,0 +1,184 @@
+"""White-box attacks as pure functions: `attack(model, x, y, *, eps, ...) -> x_adv`.
+
+Contract (every attack, tested):
+- x is a batch of pixels in [0,1]; eps is measured in that space; x_adv is detached, inside the eps-ball
+  around x (Linf or L2) and inside [0,1].
+- gradients are taken w.r.t. the perturbation only, with torch.autograd.grad: no `loss.backward()` (under
+  DDP that would all-reduce once per attack step) and no parameter `.grad` is touched.
+- the model's train()/eval() mode is never changed: the caller states it (BatchNorm policy).
+- randomness comes from `generator` when given (per-rank seeds), else torch's global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Norm = Literal["linf", "l2"]
+
+
+class Attack(Protocol):
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: object) -> torch.Tensor: ...
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _random_delta(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator | None) -> torch.Tensor:
+    if norm == "linf":
+        delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        delta = delta * eps
+    else:
+        # Uniform direction, radius uniform in [0, eps]: a cheap, common L2 start (Rony et al. 2019 style).
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _per_example_norm(direction)
+        radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        delta = direction * (radius * eps).view(-1, *([1] * (x.dim() - 1)))
+    # Keep x + delta a valid image from the start.
+    return (x + delta).clamp(0, 1) - x
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
+    # Clamping to the image box after the ball projection keeps both constraints for Linf exactly
+    # and for L2 (the box clip can only shrink the norm).
+    return (x + delta).clamp(0, 1) - x
+
+
+def _pgd_once(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    num_steps: int,
+    norm: Norm,
+    random_start: bool,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    delta = _random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    for _ in range(num_steps):
+        delta.requires_grad_(True)
+        loss = loss_fn(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            if norm == "linf":
+                step = step_size * grad.sign()
+            else:
+                step = step_size * grad / _per_example_norm(grad)
+            delta = _project(delta.detach() + step, x, eps, norm)
+    return (x + delta).detach()
+
+
+def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Sum, not mean: the step must not shrink with the batch size (L2 steps use the raw gradient norm).
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    num_steps: int,
+    norm: Norm = "linf",
+    random_start: bool = True,
+    num_restarts: int = 1,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy_sum,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent on the cross-entropy (Madry et al. 2018, arXiv:1706.06083).
+
+    Linf: signed-gradient steps projected onto the box; L2: normalised-gradient steps projected onto
+    the ball. With several restarts each example keeps its strongest iterate: one that is misclassified
+    if any restart found one, else the one with the highest loss.
+    """
+    if eps < 0 or num_steps < 1 or num_restarts < 1 or step_size < 0:
+        raise ValueError("pgd needs eps >= 0, step_size >= 0, num_steps >= 1, num_restarts >= 1")
+    if eps == 0:
+        return x.detach().clone()
+    best = None
+    best_fooled = best_loss = None
+    for _ in range(num_restarts):
+        x_adv = _pgd_once(
+            model,
+            x,
+            y,
+            eps=eps,
+            step_size=step_size,
+            num_steps=num_steps,
+            norm=norm,
+            random_start=random_start,
+            loss_fn=loss_fn,
+            generator=generator,
+        )
+        if num_restarts == 1:
+            return x_adv
+        with torch.no_grad():
+            logits = model(x_adv)
+            fooled = logits.argmax(1) != y
+            loss = F.cross_entropy(logits.float(), y, reduction="none")
+        if best is None:
+            best, best_fooled, best_loss = x_adv, fooled, loss
+            continue
+        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+        mask = better.view(-1, *([1] * (x.dim() - 1)))
+        best = torch.where(mask, x_adv, best)
+        best_fooled = best_fooled | fooled
+        best_loss = torch.where(better, loss, best_loss)
+    assert best is not None
+    return best
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float | None = None,
+    norm: Norm = "linf",
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al. 2015, arXiv:1412.6572): one step of size eps.
+
+    With `random_start=True` and `step_size=1.25*eps` this is FGSM-RS of Wong, Rice & Kolter 2020
+    ("Fast is better than free", arXiv:2001.03994). Extra keyword arguments (num_steps, num_restarts)
+    are accepted so every attack shares one call signature.
+    """
+    return pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=eps if step_size is None else step_size,
+        num_steps=1,
+        norm=norm,
+        random_start=random_start,
+        num_restarts=1,
+        generator=generator,
+    )
+
+
+ATTACKS: dict[str, Callable[..., torch.Tensor]] = {"fgsm": fgsm, "pgd": pgd}
+
+
+def get_attack(name: str) -> Callable[..., torch.Tensor]:
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack '{name}'; allowed: {', '.join(ATTACKS)}") from None

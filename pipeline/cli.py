@@ -1,0 +1,150 @@
+"""`advtrain` command line: the only place that reads argv and the environment."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="advtrain: distributed adversarial training on Ray, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare and check datasets in advtrain's Parquet format.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class Source(str, Enum):
+    digits = "digits"
+    fashion_mnist = "fashion-mnist"
+    npz = "npz"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    kind: Annotated[Source, typer.Argument(help="digits (bundled with scikit-learn), fashion-mnist (IDX files) or npz.")],
+    out: Annotated[Path, typer.Option(help="Output folder (metadata.json + train/val/test Parquet).")] = Path(""),
+    source: Annotated[
+        Path | None,
+        typer.Option(help="fashion-mnist: folder of IDX .gz files (/usr/share/datasets/fashion-mnist); npz: the file."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+) -> None:
+    """Write a dataset as validated Parquet shards with metadata and checksums.
+
+    Examples: `advtrain data prepare digits --out data/digits`;
+    `advtrain data prepare fashion-mnist --source /usr/share/datasets/fashion-mnist --out data/fashion-mnist`;
+    `advtrain data prepare npz --source my.npz --out data/mine`.
+    """
+    from pipeline import data
+
+    out = out if str(out) not in ("", ".") else Path("data") / kind.value
+    try:
+        match kind:
+            case Source.digits:
+                info = data.prepare_digits(out, seed=seed)
+            case Source.fashion_mnist:
+                if source is None:
+                    _fail("fashion-mnist needs --source DIR (e.g. /usr/share/datasets/fashion-mnist)")
+                info = data.prepare_fashion_mnist(source, out, seed=seed)
+            case Source.npz:
+                if source is None:
+                    _fail("npz needs --source FILE.npz")
+                info = data.prepare_npz(source, out, seed=seed)
+    except data.DataError as err:
+        _fail(str(err))
+    rows = ", ".join(f"{s} {info.num_rows(s)}" for s in data.SPLITS)
+    typer.echo(f"wrote {out}: shape {info.shape}, {info.num_classes} classes, {rows}")
+
+
+@data_app.command("validate")
+def data_validate(path: Annotated[Path, typer.Argument(help="A prepared dataset folder.")]) -> None:
+    """Check every file of a prepared dataset (schema, shape, labels, checksums)."""
+    from pipeline import data
+
+    try:
+        info = data.validate_dataset(path)
+    except data.DataError as err:
+        _fail(str(err))
+    typer.echo(f"{path}: ok ({', '.join(f'{s} {info.num_rows(s)}' for s in data.SPLITS)} rows)")
+
+
+@app.command("train")
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML run file, e.g. jobs/configs/digits_demo.toml.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, repeatable: --set attack.eps=0.2 --set run.epochs=5."),
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Resume the run with this name from its last checkpoint (must exist).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
+) -> None:
+    """Adversarial training on Ray Train, tracked in MLflow; registers the model at the end.
+
+    Example: `advtrain train --config jobs/configs/digits_demo.toml --set attack.eps=0.2`.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data import DataError
+    from pipeline.tracking import TrackingError
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    from pipeline import train as train_lib
+
+    train_lib.init_ray(ray_address, num_cpus=num_cpus)
+    try:
+        summary = train_lib.run_training(cfg, config_name=config.stem, resume=resume)
+    except (ConfigError, DataError, TrackingError) as err:
+        _fail(str(err))
+    ui = (
+        f"mlflow ui --backend-store-uri {summary.tracking_uri}"
+        if summary.tracking_uri.startswith("sqlite")
+        else f"open {summary.tracking_uri}"
+    )
+    version = (
+        f"{summary.registered_model} version {summary.model_version}"
+        if summary.model_version is not None
+        else "(not registered: tracking.registered_model is empty)"
+    )
+    typer.echo(
+        "\n".join(
+            [
+                "",
+                f"run {summary.run_name} finished in {summary.seconds:.0f}s{' (resumed)' if summary.resumed else ''}",
+                f"  val   clean acc {summary.val_clean_acc:.4f}   robust acc {summary.val_robust_acc:.4f}"
+                f"  ({cfg.attack.norm} eps={cfg.attack.eps}, PGD-{cfg.validation.num_steps})",
+                f"  test  clean acc {summary.test_clean_acc:.4f}   robust acc {summary.test_robust_acc:.4f}",
+                f"  MLflow run     {summary.mlflow_run_id}",
+                f"  model          {version}  sha256 {summary.weights_sha256[:16]}...",
+                f"  checkpoints    {summary.storage}",
+                f"  look at it     {ui}",
+            ]
+        )
+    )
+
+
+def main() -> None:
+    app(prog_name="advtrain")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Typed run configuration: one frozen model per component, strict TOML loading, dotted overrides.
+
+A run is a TOML file in jobs/configs/ with one table per component. Overrides use the same dotted
+keys (`--set attack.eps=0.1`), and so do the MLflow params (`flat_params`) and, later, Tune's search
+spaces. Unknown keys, wrong types and impossible values fail at load time with a `ConfigError` that
+names the key and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ATTACK_NAMES = ("fgsm", "pgd")
+METHOD_NAMES = ("standard", "pgd_at", "fgsm_rs")
+MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message says which key and what to change."""
+
+
+class _Component(BaseModel):
+    # strict: TOML already gives typed values, so "yes" must not become True nor 2.5 become 2.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class RunConfig(_Component):
+    """Identity of a run: its name (the Ray Train run and checkpoint folder), length and seed."""
+
+    name: str = Field(
+        default="",
+        description="Run name; empty gives a unique one. A name that has checkpoints resumes.",
+    )
+    epochs: int = Field(default=10, ge=1)
+    seed: int = Field(default=0, ge=0)
+    storage_path: str = Field(
+        default="runs",
+        description="Where Ray Train keeps checkpoints (local path or a shared filesystem URI).",
+    )
+
+
+class DataConfig(_Component):
+    path: str = Field(default="data/digits", description="Folder written by `advtrain data prepare`.")
+    loader: Literal["auto", "memory", "ray_data"] = "auto"
+    batch_size: int = Field(default=128, ge=1, description="Examples per worker per step.")
+    memory_limit_mb: float = Field(
+        default=2048.0,
+        gt=0,
+        description="`auto` streams through Ray Data when the train split as float32 exceeds this.",
+    )
+
+
+class ModelConfig(_Component):
+    name: Literal["small_cnn", "preact_resnet18", "wide_resnet"] = "small_cnn"
+    width: int = Field(default=1, ge=1, description="Width multiplier (wide_resnet's k).")
+    depth: int = Field(default=16, ge=10, description="wide_resnet depth (6n+4).")
+
+
+class AttackConfig(_Component):
+    """The attack used to generate training examples."""
+
+    name: Literal["fgsm", "pgd"] = "pgd"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(default=0.1, ge=0.0, description="Radius in pixel space [0,1].")
+    num_steps: int = Field(default=7, ge=1)
+    step_size_factor: float = Field(
+        default=2.5, gt=0.0, description="step_size = step_size_factor * eps / num_steps."
+    )
+    random_start: bool = True
+    num_restarts: int = Field(default=1, ge=1)
+
+
+class MethodConfig(_Component):
+    name: Literal["standard", "pgd_at", "fgsm_rs"] = "pgd_at"
+    attack_mode: Literal["eval", "train"] = Field(
+        default="eval",
+        description="BatchNorm mode while generating training attacks (logged; eval keeps "
+        "running statistics clean of attack iterates).",
+    )
+
+
+class ScheduleConfig(_Component):
+    eps_ramp: Literal["none", "linear"] = "linear"
+    eps_ramp_epochs: float = Field(
+        default=0.0, ge=0.0, description="Epochs over which eps grows linearly from 0."
+    )
+
+
+class OptimConfig(_Component):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.05, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0)
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+
+
+class ValidationConfig(_Component):
+    """Per-epoch validation: a PGD stronger than training (more steps, restarts)."""
+
+    num_steps: int = Field(default=20, ge=1)
+    step_size_factor: float = Field(default=2.5, gt=0.0)
+    num_restarts: int = Field(default=1, ge=1)
+    num_examples: int = Field(default=0, ge=0, description="0 = the whole split.")
+    batch_size: int = Field(default=256, ge=1)
+
+
+class ScalingConfig(_Component):
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    max_failures: int = Field(default=0, ge=-1, description="Worker-group restarts; -1 = no limit.")
+
+
+class TrackingConfig(_Component):
+    uri: str = Field(
+        default="",
+        description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, else a local sqlite store.",
+    )
+    experiment: str = Field(default="advtrain", min_length=1)
+    registered_model: str = Field(default="", description="Registry name; empty skips registering.")
+
+
+class Config(_Component):
+    """The whole run: one frozen component config per table of the TOML file."""
+
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    method: MethodConfig = MethodConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    optim: OptimConfig = OptimConfig()
+    validation: ValidationConfig = ValidationConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.method.name != "standard" and self.attack.eps == 0.0:
+            raise ValueError(
+                f"attack.eps is 0 but method.name is '{self.method.name}': set attack.eps > 0 "
+                "or use method.name = 'standard'"
+            )
+        if self.method.name == "fgsm_rs" and self.attack.name != "fgsm":
+            raise ValueError("method.name 'fgsm_rs' generates with FGSM: set attack.name = 'fgsm'")
+        if self.attack.name == "fgsm" and self.attack.num_restarts != 1:
+            raise ValueError("attack.num_restarts must be 1 for attack.name = 'fgsm'")
+        return self
+
+
+def _tables(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    return {name: field.annotation for name, field in model.model_fields.items()}  # type: ignore[misc]
+
+
+def _check_keys(raw: dict[str, Any]) -> None:
+    """Reject unknown tables/keys with a suggestion, before pydantic's terser message."""
+    tables = _tables(Config)
+    for table, values in raw.items():
+        if table not in tables:
+            raise ConfigError(_unknown(table, list(tables), "table"))
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{table}] must be a table of keys, got {values!r}")
+        allowed = list(tables[table].model_fields)
+        for key in values:
+            if key not in allowed:
+                raise ConfigError(_unknown(f"{table}.{key}", [f"{table}.{k}" for k in allowed]))
+
+
+def _unknown(key: str, allowed: list[str], what: str = "key") -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown {what} '{key}'.{hint} Allowed: {', '.join(sorted(allowed))}"
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        allowed = ""
+        if e["type"] == "literal_error":
+            allowed = f" (allowed: {e['ctx']['expected']})"
+        got = e.get("input")
+        where = f"{key}: " if key else ""
+        lines.append(f"{where}{e['msg']}{allowed}; got {got!r}" if key else e["msg"])
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`attack.eps=0.2` -> ("attack.eps", 0.2); values are TOML literals, bare words are strings."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like table.key=value, e.g. attack.eps=0.1")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key '{key}' must be table.key, e.g. attack.eps")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {table: dict(values) for table, values in raw.items()}
+    for key, value in overrides.items():
+        table, name = key.split(".", 1)
+        merged.setdefault(table, {})[name] = value
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    raw = apply_overrides(raw, overrides or {})
+    _check_keys(raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a TOML run file and apply dotted overrides; raises ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; the recipes live in jobs/configs/")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(item) for item in overrides)
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def flat_params(config: Config) -> dict[str, Any]:
+    """{"attack.eps": 0.2, ...}: the MLflow params view, same keys as overrides."""
+    return {
+        f"{table}.{key}": value
+        for table, values in config.model_dump().items()
+        for key, value in values.items()
+    }
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (saved with every run and checkpoint)."""
+    lines = []
+    for table, values in config.model_dump().items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

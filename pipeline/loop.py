@@ -1,0 +1,146 @@
+"""Pure-torch training and validation: one epoch, one evaluation. No ray, no mlflow.
+
+Functions return sums and counts (not means) so that callers can all-reduce them across ranks and
+divide once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from pipeline.attacks import pgd
+from pipeline.config import AttackConfig, OptimConfig
+from pipeline.methods import Method
+from pipeline.schedules import lr_factor
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=False
+        )
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, *, total_epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR schedule; its state (the step count) is checkpointed, the function is rebuilt."""
+    steps = max(steps_per_epoch, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step / steps, total_epochs=total_epochs, kind=config.lr_schedule)
+    )
+
+
+def tensor_batches(
+    x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of an in-memory split in the given order (the last partial batch is kept)."""
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        yield x[idx], y[idx]
+
+
+def train_epoch(
+    model: nn.Module,
+    attack_model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    method: Method,
+    attack: AttackConfig,
+    eps_for_step: Callable[[int], float],
+    attack_mode: str,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One pass over `batches`; returns sums: loss_sum, correct, count, seconds, last eps and lr."""
+    model.train()
+    loss_sum = correct = count = 0.0
+    eps = 0.0
+    started = time.perf_counter()
+    for step, (x, y) in enumerate(batches):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        eps = eps_for_step(step)
+        loss, logits = method(
+            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            loss_sum += float(loss) * len(y)
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
+    return {
+        "loss_sum": loss_sum,
+        "correct": correct,
+        "count": count,
+        "seconds": time.perf_counter() - started,
+        "eps": eps,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predicted labels for x (pixels in [0,1]); the caller sets the mode (eval for evaluation)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out.append(model(x[start : start + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def clean_and_robust_correct(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str,
+    num_steps: int,
+    step_size_factor: float,
+    num_restarts: int,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Counts of clean and PGD-robust correct predictions (model in eval mode, restored after).
+
+    Robust counts a point only if it is also clean-correct, so robust <= clean always holds.
+    """
+    was_training = model.training
+    model.eval()
+    clean = robust = 0.0
+    try:
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device)
+            with torch.no_grad():
+                ok = model(xb).argmax(1) == yb
+            clean += float(ok.sum())
+            if eps > 0:
+                x_adv = pgd(
+                    model,
+                    xb,
+                    yb,
+                    eps=eps,
+                    step_size=step_size_factor * eps / num_steps,
+                    num_steps=num_steps,
+                    norm=norm,  # type: ignore[arg-type]
+                    num_restarts=num_restarts,
+                    generator=generator,
+                )
+                with torch.no_grad():
+                    ok = ok & (model(x_adv).argmax(1) == yb)
+            robust += float(ok.sum())
+    finally:
+        model.train(was_training)
+    return {"clean_correct": clean, "robust_correct": robust, "count": float(len(x))}

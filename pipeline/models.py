@@ -1,0 +1,184 @@
+"""Architectures, built by name. Normalisation is the first layer, so inputs are pixels in [0,1].
+
+Written here rather than taken from torchvision (whose PyPI build does not import beside this torch).
+An architecture is fully described by a small JSON-able dict (`architecture`) that is stored beside the
+safetensors weights, so a registered model loads without unpickling any code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers, so they travel with the weights."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks + MLP (the TRADES MNIST net, scaled); fits 8x8 digits and 28x28 images."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 1) -> None:
+        super().__init__()
+        c1, c2, hidden = 32 * width, 64 * width, 200 * width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * side * side, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 (He et al. 2016), the network of Wong et al. 2020 and Rice et al. 2020."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 1) -> None:
+        super().__init__()
+        base = 64 * width
+        self.conv1 = nn.Conv2d(in_channels, base, 3, stride=1, padding=1, bias=False)
+        layers, in_planes = [], base
+        for i, stride in enumerate((1, 2, 2, 2)):
+            planes = base * 2**i
+            layers += [PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)]
+            in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016), e.g. WRN-34-10 of Madry/TRADES, WRN-28-10."""
+
+    def __init__(self, in_channels: int, num_classes: int, depth: int = 28, width: int = 10) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"model.depth must be 6n+4 for wide_resnet (e.g. 16, 28, 34), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        blocks, in_planes = [], widths[0]
+        for planes, stride in zip(widths[1:], (1, 2, 2), strict=True):
+            for i in range(n):
+                blocks.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def architecture(
+    config: ModelConfig,
+    *,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, Any]:
+    """Everything needed to rebuild the network (stored beside the weights; no code, no pickle)."""
+    return {
+        "name": config.name,
+        "width": config.width,
+        "depth": config.depth,
+        "shape": list(shape),
+        "num_classes": num_classes,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """nn.Sequential(Normalize, network) from an `architecture` dict."""
+    c, h, w = arch["shape"]
+    name, num_classes, width = arch["name"], arch["num_classes"], arch.get("width", 1)
+    if len(arch["mean"]) != c or len(arch["std"]) != c:
+        raise ValueError(f"mean/std need {c} channel values, got {arch['mean']} / {arch['std']}")
+    match name:
+        case "small_cnn":
+            if h != w or h % 4:
+                raise ValueError(f"small_cnn needs square images with side divisible by 4, got {h}x{w}")
+            net: nn.Module = SmallCNN(c, h, num_classes, width)
+        case "preact_resnet18":
+            net = PreActResNet18(c, num_classes, width)
+        case "wide_resnet":
+            net = WideResNet(c, num_classes, arch.get("depth", 28), width)
+        case _:
+            raise ValueError(f"unknown model.name '{name}'; allowed: small_cnn, preact_resnet18, wide_resnet")
+    return nn.Sequential(Normalize(tuple(arch["mean"]), tuple(arch["std"])), net)

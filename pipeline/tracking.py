@@ -1,0 +1,288 @@
+"""MLflow: runs, per-epoch metrics, artifacts, model logging, registration and loading.
+
+The only module that imports mlflow. Runs are addressed by explicit run id (the driver creates the run,
+rank 0 logs into it). Models are stored without pickle: safetensors weights + an architecture JSON,
+wrapped in an MLflow "models from code" pyfunc so `mlflow.pyfunc.load_model` works too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.data import sha256_file
+from pipeline.models import build_model
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "advtrain.run_name"
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "architecture.json"
+PYFUNC_SCRIPT = Path(__file__).with_name("mlflow_pyfunc.py")
+DEFAULT_STORE = "mlruns"
+
+
+class TrackingError(ValueError):
+    """A tracking/registry problem the user must fix (bad URI, missing model, wrong alias, ...)."""
+
+
+def resolve_tracking_uri(configured: str = "", *, cwd: str | Path | None = None) -> str:
+    """config `tracking.uri`, else MLFLOW_TRACKING_URI, else sqlite in ./mlruns; always absolute.
+
+    Ray workers chdir elsewhere, so relative sqlite paths are made absolute here on the driver.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = Path(cwd or Path.cwd())
+    if not uri:
+        (base / DEFAULT_STORE).mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(base / DEFAULT_STORE / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :])
+        if not path.is_absolute():
+            path = (base / path).resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{path}"
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
+        raise TrackingError(
+            f"tracking URI '{uri}': MLflow 3 refuses the plain file store; use sqlite:///path/mlflow.db "
+            "or http://HOST:PORT of an `mlflow server`"
+        )
+    return uri
+
+
+def client_for(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it or set tracking.experiment")
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the local database instead of a cwd-relative ./mlruns.
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        # Another process created it between our lookup and create.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The MLflow run id recorded for an advtrain run name, or None."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+    return runs[0].info.run_id if runs else None
+
+
+def start_or_resume_run(
+    uri: str, *, experiment: str, run_name: str, params: dict[str, Any], config_toml: str, tags: dict[str, str]
+) -> tuple[str, bool]:
+    """Create the run (params, tags, config artifact), or reopen the one with this run name.
+
+    A resumed run must have the same params: nothing already recorded is overwritten.
+    Returns (run_id, resumed).
+    """
+    client = client_for(uri)
+    experiment_id = _experiment_id(client, experiment, uri)
+    existing = find_run(uri, experiment, run_name)
+    str_params = {k: str(v) for k, v in params.items()}
+    if existing:
+        logged = client.get_run(existing).data.params
+        changed = {k: (logged.get(k), v) for k, v in str_params.items() if logged.get(k) != v}
+        if changed:
+            lines = ", ".join(f"{k}: logged {a!r}, now {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise TrackingError(
+                f"run '{run_name}' exists in MLflow with other params ({lines}); resume it with its "
+                "original config or start a new run (leave run.name empty for a unique one)"
+            )
+        client.update_run(existing, status="RUNNING")
+        return existing, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    run_id = run.info.run_id
+    items = list(str_params.items())
+    for start in range(0, len(items), 100):  # MLflow's log_batch limit is 100 params per call
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(config_toml)
+        client.log_artifact(run_id, str(path))
+    return run_id, False
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client_for(uri).set_terminated(run_id, status=status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    client_for(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict[str, float], *, epoch: int) -> None:
+    """All of one epoch's metrics in one call, step=epoch. Rank 0 only."""
+    now = int(time.time() * 1000)
+    client_for(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+
+def logged_epochs(uri: str, run_id: str, key: str) -> set[int]:
+    return {m.step for m in client_for(uri).get_metric_history(run_id, key)}
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client_for(uri).get_metric_history(run_id, key))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
+    """Write model.safetensors + architecture.json to `folder`; returns the weights' sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    digest = sha256_file(folder / WEIGHTS_FILE)
+    (folder / ARCH_FILE).write_text(json.dumps({**arch, "weights_sha256": digest}, indent=2))
+    return digest
+
+
+def load_weights(folder: str | Path, *, expected_sha256: str | None = None) -> nn.Module:
+    """Rebuild the network from a folder with architecture.json + model.safetensors (no unpickling).
+
+    Verifies the weights' sha256 against `expected_sha256` (e.g. the registry tag) or, failing that,
+    the one recorded in architecture.json. Returns the model in eval mode on CPU.
+    """
+    folder = Path(folder)
+    weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
+    arch_file = next(iter(sorted(folder.rglob(ARCH_FILE))), None)
+    if weights is None or arch_file is None:
+        raise TrackingError(f"{folder}: no {WEIGHTS_FILE} / {ARCH_FILE}; is this an advtrain model?")
+    arch = json.loads(arch_file.read_text())
+    expected = expected_sha256 or arch.get("weights_sha256")
+    digest = sha256_file(weights)
+    if expected and digest != expected:
+        raise TrackingError(
+            f"{weights}: sha256 {digest[:16]}... does not match the recorded {expected[:16]}...; "
+            "the weights changed after they were registered: refusing to load them"
+        )
+    model = build_model(arch)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def log_and_register_model(
+    uri: str,
+    run_id: str,
+    *,
+    model: nn.Module,
+    arch: dict[str, Any],
+    registered_model: str,
+    version_tags: dict[str, Any],
+) -> dict[str, Any]:
+    """Log the model to the run (pyfunc from code, safetensors) and register a new version.
+
+    Returns {"weights_sha256", "model_uri", "version"} (version None when registered_model is empty).
+    Rank 0 / driver only.
+    """
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        digest = save_weights(model, arch, folder)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_SCRIPT),
+                artifacts={"weights": str(folder / WEIGHTS_FILE), "architecture": str(folder / ARCH_FILE)},
+                code_paths=[str(Path(__file__).parent)],
+                # Explicit requirements: inferring them costs ~10 s (shared/NOTES).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
+            )
+    result: dict[str, Any] = {"weights_sha256": digest, "model_uri": info.model_uri, "version": None}
+    if registered_model:
+        tags = {**{k: str(v) for k, v in version_tags.items()}, "weights_sha256": digest}
+        client = client_for(uri)
+        try:
+            client.get_registered_model(registered_model)
+        except MlflowException:
+            try:
+                client.create_registered_model(registered_model)
+            except MlflowException:
+                pass  # created concurrently by another run
+        version = client.create_model_version(registered_model, source=info.model_uri, run_id=run_id, tags=tags)
+        result["version"] = int(version.version)
+    return result
+
+
+def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a local folder -> nn.Module.
+
+    Eval mode, CPU, weights verified against the registry's `weights_sha256` tag when the URI names a
+    registered version; never unpickles.
+    """
+    if Path(model_uri).exists():
+        return load_weights(model_uri)
+    uri = resolve_tracking_uri(tracking_uri or "")
+    client = client_for(uri)
+    expected = None
+    if model_uri.startswith("models:/"):
+        name, version = _registered_version(client, model_uri)
+        expected = version.tags.get("weights_sha256")
+        if not expected:
+            raise TrackingError(f"{model_uri}: version {version.version} has no weights_sha256 tag")
+        source = f"models:/{name}/{version.version}"
+    elif model_uri.startswith("runs:/"):
+        source = model_uri
+    else:
+        raise TrackingError(f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        except MlflowException as err:
+            raise TrackingError(f"{model_uri}: cannot download the model ({err.message})") from None
+        return load_weights(local, expected_sha256=expected)
+
+
+def _registered_version(client: MlflowClient, model_uri: str):
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        try:
+            return name, client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            aliases = _aliases(client, name)
+            raise TrackingError(
+                f"{model_uri}: registered model '{name}' has no alias '{alias}' (aliases: {aliases or 'none'})"
+            ) from None
+    name, _, version = ref.partition("/")
+    if not version.isdigit():
+        raise TrackingError(f"{model_uri}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
+    try:
+        return name, client.get_model_version(name, version)
+    except MlflowException:
+        raise TrackingError(f"{model_uri}: no version {version} of registered model '{name}'") from None
+
+
+def _aliases(client: MlflowClient, name: str) -> list[str]:
+    try:
+        return sorted(client.get_registered_model(name).aliases)
+    except MlflowException:
+        raise TrackingError(f"no registered model named '{name}'") from None

@@ -1,0 +1,456 @@
+"""Ray Train glue: the driver (`run_training`) and the per-worker loop (`train_worker_loop`).
+
+Driver: resolves every path and the tracking URI to absolute ones (Ray workers chdir elsewhere),
+validates the data once, names the run, creates/reopens its MLflow run and fits a TorchTrainer.
+Workers: read their shard, attack it on their own unwrapped replica, train under DDP, validate, and
+checkpoint every epoch (rank 0 writes, every rank reports). Resuming — after Ray restarts the worker
+group (FailureConfig) or when a run with the same name is submitted again — starts after the last
+committed checkpoint, and MLflow keeps exactly one value per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import data as data_lib
+from pipeline import loop, tracking
+from pipeline.config import Config, ConfigError, flat_params, to_toml
+from pipeline.methods import get_method
+from pipeline.models import architecture, build_model
+from pipeline.schedules import eps_at
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+FINISHED_MARKER = "advtrain_finished.json"
+SENTINEL_METRIC = "train/loss"
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    resumed: bool
+    epochs: int
+    val_clean_acc: float
+    val_robust_acc: float
+    test_clean_acc: float
+    test_robust_acc: float
+    registered_model: str
+    model_version: int | None
+    weights_sha256: str
+    storage: str
+    seconds: float
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _storage_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" in uri:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    return pyarrow.fs.LocalFileSystem(), uri
+
+
+def _run_state(storage: str, name: str) -> str:
+    """'new', 'resumable' (has checkpoints) or 'finished'."""
+    fs, base = _fs_and_path(storage)
+    run_dir = f"{base.rstrip('/')}/{name}"
+    if fs.get_file_info(f"{run_dir}/{FINISHED_MARKER}").type == pyarrow.fs.FileType.File:
+        return "finished"
+    if fs.get_file_info(run_dir).type != pyarrow.fs.FileType.Directory:
+        return "new"
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_dir))
+    has_checkpoint = any(Path(e.path).name.startswith("checkpoint_") for e in entries)
+    return "resumable" if has_checkpoint else "new"
+
+
+def unique_run_name(prefix: str = "run") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def choose_loader(config: Config, info: data_lib.DatasetInfo) -> str:
+    if config.data.loader != "auto":
+        return config.data.loader
+    # Measured (shared/NOTES): in-memory shards are 20-70x faster per epoch than Ray Data streaming on
+    # data that fits, so stream only what does not fit.
+    size_mb = data_lib.train_bytes_as_float(info) / 2**20
+    return "memory" if size_mb <= config.data.memory_limit_mb else "ray_data"
+
+
+def run_training(
+    config: Config, *, config_name: str = "run", resume: str | None = None, cwd: str | Path | None = None
+) -> TrainSummary:
+    """Fit the run described by `config` on the connected Ray cluster (ray.init first).
+
+    `resume=NAME` requires that run to exist; a config `run.name` that exists resumes it; an empty name
+    gets a unique one, so a run can never overwrite another by accident.
+    """
+    started = time.perf_counter()
+    base = Path(cwd or Path.cwd())
+    data_path = Path(config.data.path)
+    data_path = data_path if data_path.is_absolute() else (base / data_path).resolve()
+    info = data_lib.validate_dataset(data_path)
+    storage = _storage_uri(config.run.storage_path if "://" in config.run.storage_path else str(base / config.run.storage_path))
+    name = resume or config.run.name or unique_run_name(config_name)
+    state = _run_state(storage, name)
+    if state == "finished":
+        raise ConfigError(
+            f"run '{name}' already finished (in {storage}); pick a new run.name or leave it empty for a unique one"
+        )
+    if resume and state != "resumable":
+        raise ConfigError(f"--resume {name}: no checkpoint of that run in {storage}; check the name and run.storage_path")
+    config = config.model_copy(update={"run": config.run.model_copy(update={"name": name, "storage_path": storage}),
+                                       "data": config.data.model_copy(update={"path": str(data_path)})})
+    loader = choose_loader(config, info)
+    uri = tracking.resolve_tracking_uri(config.tracking.uri, cwd=base)
+    run_id, mlflow_resumed = tracking.start_or_resume_run(
+        uri,
+        experiment=config.tracking.experiment,
+        run_name=name,
+        params={**flat_params(config), "data.loader_used": loader},
+        config_toml=to_toml(config),
+        tags={
+            "advtrain.dataset": info.source,
+            "advtrain.threat_model": f"{config.attack.norm} eps={config.attack.eps}",
+            "advtrain.method": config.method.name,
+        },
+    )
+    arch = architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    log.info("run %s: %s loader, MLflow run %s%s", name, loader, run_id, " (resumed)" if state == "resumable" else "")
+    worker_context = {
+        "config": config.model_dump(),
+        "architecture": arch,
+        "loader": loader,
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "dataset_source": info.source,
+    }
+    datasets = None
+    if loader == "ray_data":
+        _check_ray_data_cpus(config)
+        datasets = {"train": ray.data.read_parquet([str(p) for p in info.files("train")], columns=["image", "label"])}
+    trainer = TorchTrainer(
+        train_worker_loop,
+        train_loop_config=worker_context,
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    summary: dict[str, Any] = result.return_value
+    fs, path = _fs_and_path(storage)
+    with fs.open_output_stream(f"{path.rstrip('/')}/{name}/{FINISHED_MARKER}") as f:
+        f.write(json.dumps({"mlflow_run_id": run_id, **summary}).encode())
+    tracking.end_run(uri, run_id, status="FINISHED")
+    return TrainSummary(
+        run_name=name,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        resumed=state == "resumable" or mlflow_resumed,
+        epochs=config.run.epochs,
+        val_clean_acc=summary["val/clean_acc"],
+        val_robust_acc=summary["val/robust_acc"],
+        test_clean_acc=summary["test/clean_acc"],
+        test_robust_acc=summary["test/robust_acc"],
+        registered_model=config.tracking.registered_model,
+        model_version=summary["model_version"],
+        weights_sha256=summary["weights_sha256"],
+        storage=f"{storage}/{name}",
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_ray_data_cpus(config: Config) -> None:
+    total = ray.cluster_resources().get("CPU", 0)
+    used = config.scaling.num_workers * config.scaling.cpus_per_worker
+    if used > total - 0.5:
+        raise ConfigError(
+            f"data.loader 'ray_data' needs CPU left for Ray Data's read tasks, but {config.scaling.num_workers} "
+            f"workers x {config.scaling.cpus_per_worker} CPU use {used} of the cluster's {total}: lower "
+            "scaling.cpus_per_worker (e.g. 0.5) or use data.loader = 'memory'"
+        )
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    torch.save(state, folder / STATE_FILE)
+
+
+def _load_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as folder:
+        # weights_only=True: a checkpoint is data, never code.
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _ray_data_batches(batch_size: int, shape, num_classes: int):
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size):
+        yield data_lib.decode_batch(batch["image"], batch["label"], shape, num_classes)
+
+
+def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on every Ray Train worker. Returns rank 0's summary (the driver reads result.return_value)."""
+    config = Config.model_validate(ctx["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match explicitly.
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    arch = ctx["architecture"]
+    shape, num_classes = tuple(arch["shape"]), arch["num_classes"]
+    data_path = config.data.path
+
+    if ctx["loader"] == "memory":
+        x_train, y_train = data_lib.load_split(data_path, "train")
+        num_train = len(y_train)
+    else:
+        num_train = data_lib.read_metadata(data_path).num_rows("train")
+    x_val, y_val = data_lib.load_split(data_path, "val", max_examples=config.validation.num_examples)
+    x_val, y_val = x_val[rank::world_size], y_val[rank::world_size]
+
+    torch.manual_seed(config.run.seed)  # same initial weights on every rank (DDP also broadcasts)
+    model = ray.train.torch.prepare_model(build_model(arch))
+    attack_model = model.module if hasattr(model, "module") else model  # unwrapped: no DDP hooks
+    optimizer = loop.make_optimizer(model, config.optim)
+    steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
+    scheduler = loop.make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch)
+    method = get_method(config.method.name)
+
+    uri, run_id = ctx["tracking_uri"], ctx["run_id"]
+    start_epoch, history = 1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint)
+        attack_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
+    already_logged = tracking.logged_epochs(uri, run_id, SENTINEL_METRIC) if rank == 0 else set()
+    if rank == 0:
+        # Epochs whose checkpoint committed but whose metrics never reached MLflow (killed in between).
+        for row in history:
+            if row["epoch"] not in already_logged:
+                tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
+                already_logged.add(row["epoch"])
+
+    attack = config.attack
+    for epoch in range(start_epoch, config.run.epochs + 1):
+        # Per-epoch, per-rank seeds: a resumed epoch sees the same data order and random starts.
+        generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
+        torch.manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
+        if ctx["loader"] == "memory":
+            indices = data_lib.shard_indices(num_train, rank=rank, world_size=world_size, epoch=epoch, seed=config.run.seed)
+            batches = loop.tensor_batches(x_train, y_train, indices, config.data.batch_size)
+        else:
+            batches = _ray_data_batches(config.data.batch_size, shape, num_classes)
+
+        def eps_for_step(step: int, epoch: int = epoch) -> float:
+            progress = epoch - 1 + step / max(steps_per_epoch, 1)
+            return eps_at(progress, eps=attack.eps, ramp=config.schedule.eps_ramp, ramp_epochs=config.schedule.eps_ramp_epochs)
+
+        train = loop.train_epoch(
+            model,
+            attack_model,
+            batches,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            method=method,
+            attack=attack,
+            eps_for_step=eps_for_step,
+            attack_mode=config.method.attack_mode,
+            device=device,
+            generator=generator,
+        )
+        val_started = time.perf_counter()
+        val = loop.clean_and_robust_correct(
+            attack_model,
+            x_val,
+            y_val,
+            eps=attack.eps,
+            norm=attack.norm,
+            num_steps=config.validation.num_steps,
+            step_size_factor=config.validation.step_size_factor,
+            num_restarts=config.validation.num_restarts,
+            batch_size=config.validation.batch_size,
+            device=device,
+            generator=generator,
+        )
+        val_seconds = time.perf_counter() - val_started
+        loss_sum, correct, count, val_clean, val_robust, val_count = _all_reduce_sums(
+            [train["loss_sum"], train["correct"], train["count"], val["clean_correct"], val["robust_correct"], val["count"]],
+            device,
+        )
+        metrics = {
+            "train/loss": loss_sum / max(count, 1),
+            "train/acc": correct / max(count, 1),
+            "train/eps": train["eps"],
+            "train/lr": train["lr"],
+            "train/images_per_s": count / max(train["seconds"], 1e-9),
+            "val/clean_acc": val_clean / max(val_count, 1),
+            "val/robust_acc": val_robust / max(val_count, 1),
+            "time/train_s": train["seconds"],
+            "time/val_s": val_seconds,
+            "time/epoch_s": train["seconds"] + val_seconds,
+        }
+        history.append({"epoch": epoch, "metrics": metrics})
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint(
+                    Path(tmp),
+                    {
+                        "model": attack_model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "rng_state": torch.get_rng_state(),
+                        "architecture_json": json.dumps(arch),
+                        "config_toml": to_toml(config),
+                        "mlflow_run_id": run_id,
+                    },
+                )
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            # After the checkpoint commits, so a logged epoch always has a checkpoint behind it;
+            # skipping logged epochs keeps exactly one value per epoch across resumes.
+            if epoch not in already_logged:
+                tracking.log_epoch(uri, run_id, metrics, epoch=epoch)
+                already_logged.add(epoch)
+            log.info(
+                "epoch %3d/%d  loss %.4f  train_acc %.3f  eps %.3f  val_clean %.3f  val_robust %.3f  %.0f img/s  %.1fs",
+                epoch,
+                config.run.epochs,
+                metrics["train/loss"],
+                metrics["train/acc"],
+                metrics["train/eps"],
+                metrics["val/clean_acc"],
+                metrics["val/robust_acc"],
+                metrics["train/images_per_s"],
+                metrics["time/epoch_s"],
+            )
+        else:
+            ray.train.report(metrics)  # every rank reports equally often, or training hangs
+
+    if rank != 0:
+        return None
+    return _finish(config, ctx, attack_model, history, device)
+
+
+def _finish(config: Config, ctx: dict[str, Any], model: torch.nn.Module, history: list[dict], device: torch.device) -> dict[str, Any]:
+    """Rank 0: test-set numbers, then log and register the model (no pickle)."""
+    uri, run_id, arch = ctx["tracking_uri"], ctx["run_id"], ctx["architecture"]
+    x_test, y_test = data_lib.load_split(config.data.path, "test")
+    generator = torch.Generator(device=device).manual_seed(config.run.seed)
+    n_robust = config.validation.num_examples or len(y_test)
+    test = loop.clean_and_robust_correct(
+        model,
+        x_test[:n_robust],
+        y_test[:n_robust],
+        eps=config.attack.eps,
+        norm=config.attack.norm,
+        num_steps=config.validation.num_steps,
+        step_size_factor=config.validation.step_size_factor,
+        num_restarts=config.validation.num_restarts,
+        batch_size=config.validation.batch_size,
+        device=device,
+        generator=generator,
+    )
+    model.eval()
+    # Clean accuracy on the whole test split with the same function a loaded model is checked with.
+    predictions = loop.predict(model, x_test, batch_size=config.validation.batch_size, device=device)
+    test_clean = float((predictions == y_test).float().mean())
+    test_metrics = {"test/clean_acc": test_clean, "test/robust_acc": test["robust_correct"] / max(test["count"], 1)}
+    tracking.log_epoch(uri, run_id, test_metrics, epoch=config.run.epochs)
+    cpu_model = build_model(arch)
+    cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    registered = tracking.log_and_register_model(
+        uri,
+        run_id,
+        model=cpu_model,
+        arch=arch,
+        registered_model=config.tracking.registered_model,
+        version_tags={
+            "dataset": ctx["dataset_source"],
+            "threat_model.norm": config.attack.norm,
+            "threat_model.eps": config.attack.eps,
+            "method": config.method.name,
+            "test_clean_acc": test_clean,
+            "val_robust_acc": history[-1]["metrics"]["val/robust_acc"],
+            "val_robust_protocol": f"pgd-{config.validation.num_steps} x{config.validation.num_restarts} restarts",
+        },
+    )
+    tracking.set_tags(uri, run_id, {"advtrain.weights_sha256": registered["weights_sha256"]})
+    last = history[-1]["metrics"]
+    return {
+        "val/clean_acc": last["val/clean_acc"],
+        "val/robust_acc": last["val/robust_acc"],
+        **test_metrics,
+        "model_version": registered["version"],
+        "weights_sha256": registered["weights_sha256"],
+    }
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (address / RAY_ADDRESS) or start a local instance; quiet, fast settings."""
+    if ray.is_initialized():
+        return
+    for key, value in {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
