@@ -69,8 +69,10 @@ def _pgd_once(
     delta = _random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     for _ in range(num_steps):
         delta.requires_grad_(True)
-        loss = loss_fn(model(x + delta), y)
-        (grad,) = torch.autograd.grad(loss, delta)
+        # enable_grad: attacks work even when the caller evaluates under torch.no_grad().
+        with torch.enable_grad():
+            loss = loss_fn(model(x + delta), y)
+            (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             if norm == "linf":
                 step = step_size * grad.sign()

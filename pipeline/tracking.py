@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,9 @@ def log_and_register_model(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         digest = save_weights(model, arch, folder)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # The pyfunc takes raw pixel arrays; MLflow's type-hint nudge does not apply.
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_SCRIPT),
@@ -219,15 +222,9 @@ def log_and_register_model(
     result: dict[str, Any] = {"weights_sha256": digest, "model_uri": info.model_uri, "version": None}
     if registered_model:
         tags = {**{k: str(v) for k, v in version_tags.items()}, "weights_sha256": digest}
-        client = client_for(uri)
-        try:
-            client.get_registered_model(registered_model)
-        except MlflowException:
-            try:
-                client.create_registered_model(registered_model)
-            except MlflowException:
-                pass  # created concurrently by another run
-        version = client.create_model_version(registered_model, source=info.model_uri, run_id=run_id, tags=tags)
+        # register_model (not create_model_version) links the version to the logged model's id,
+        # which a tracking server requires for a models:/m-... source.
+        version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
         result["version"] = int(version.version)
     return result
 

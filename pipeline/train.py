@@ -26,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import data as data_lib
@@ -165,6 +165,8 @@ def run_training(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report INFO lines drown the per-epoch progress lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )
@@ -241,6 +243,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    # Ray Train logs every report at INFO; the per-epoch line below says the same, readably.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match explicitly.
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
@@ -359,7 +363,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                         "mlflow_run_id": run_id,
                     },
                 )
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report({**metrics, "epoch": epoch}, checkpoint=Checkpoint.from_directory(tmp))
             # After the checkpoint commits, so a logged epoch always has a checkpoint behind it;
             # skipping logged epochs keeps exactly one value per epoch across resumes.
             if epoch not in already_logged:
@@ -378,7 +382,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 metrics["time/epoch_s"],
             )
         else:
-            ray.train.report(metrics)  # every rank reports equally often, or training hangs
+            ray.train.report({**metrics, "epoch": epoch})  # every rank reports equally often, or training hangs
 
     if rank != 0:
         return None
@@ -453,4 +457,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+        # Loopback only: a local instance has no business on the machine's network interfaces. The
+        # dashboard is what lets Ray free stopped runs' placement groups (shared/NOTES).
+        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, _node_ip_address="127.0.0.1")

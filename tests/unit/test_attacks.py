@@ -1,0 +1,126 @@
+"""Attack contracts: eps-ball, [0,1], loss goes up, no parameter gradients, mode unchanged, strength."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import loop, methods
+from pipeline.attacks import fgsm, pgd
+from pipeline.config import AttackConfig, ModelConfig, OptimConfig
+from pipeline.data import load_split, shard_indices
+from pipeline.models import architecture, build_model
+
+
+def _tiny_model(in_channels=1, side=8):
+    arch = architecture(ModelConfig(), shape=(in_channels, side, side), num_classes=10, mean=(0.3,), std=(0.4,))
+    torch.manual_seed(0)
+    return build_model(arch)
+
+
+@pytest.fixture(scope="module")
+def batch(digits_path):
+    x, y = load_split(digits_path, "val")
+    return x[:64], y[:64]
+
+
+@pytest.fixture(scope="module")
+def undefended(digits_path):
+    """small_cnn trained normally on digits for a few epochs (~2 s): a real, accurate, undefended model."""
+    x, y = load_split(digits_path, "train")
+    model = _tiny_model()
+    opt_cfg = OptimConfig(name="adam", lr=0.002, weight_decay=0.0, lr_schedule="constant")
+    optimizer = loop.make_optimizer(model, opt_cfg)
+    scheduler = loop.make_scheduler(optimizer, opt_cfg, total_epochs=8, steps_per_epoch=20)
+    torch.manual_seed(0)
+    for epoch in range(8):
+        idx = shard_indices(len(x), rank=0, world_size=1, epoch=epoch, seed=0)
+        loop.train_epoch(
+            model, model, loop.tensor_batches(x, y, idx, 64), optimizer=optimizer, scheduler=scheduler,
+            method=methods.standard, attack=AttackConfig(), eps_for_step=lambda s: 0.0, attack_mode="eval",
+            device=torch.device("cpu"),
+        )
+    return model.eval()
+
+
+ATTACK_CALLS = {
+    "fgsm": lambda m, x, y, eps, norm: fgsm(m, x, y, eps=eps, norm=norm),
+    "fgsm_rs": lambda m, x, y, eps, norm: fgsm(m, x, y, eps=eps, step_size=1.25 * eps, norm=norm, random_start=True),
+    "pgd": lambda m, x, y, eps, norm: pgd(m, x, y, eps=eps, step_size=eps / 4, num_steps=10, norm=norm),
+    "pgd_restarts": lambda m, x, y, eps, norm: pgd(
+        m, x, y, eps=eps, step_size=eps / 4, num_steps=5, norm=norm, num_restarts=3
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACK_CALLS))
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.2), ("l2", 1.0)])
+def test_stays_in_ball_and_box_and_raises_loss(name, norm, eps, batch, undefended):
+    x, y = batch
+    x_adv = ATTACK_CALLS[name](undefended, x, y, eps, norm)
+    delta = (x_adv - x).flatten(1)
+    if norm == "linf":
+        assert delta.abs().max() <= eps + 1e-6
+    else:
+        assert delta.norm(dim=1).max() <= eps + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not x_adv.requires_grad
+    with torch.no_grad():
+        assert F.cross_entropy(undefended(x_adv), y) > F.cross_entropy(undefended(x), y)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_no_parameter_gradients_and_mode_unchanged(mode, batch):
+    model = _tiny_model()
+    model.train(mode == "train")
+    x, y = batch
+    pgd(model, x, y, eps=0.1, step_size=0.05, num_steps=3, num_restarts=2)
+    fgsm(model, x, y, eps=0.1)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training == (mode == "train")
+    assert all(m.training == (mode == "train") for m in model.modules())
+
+
+def test_pgd_breaks_undefended_model_on_digits(digits_path, undefended):
+    x, y = load_split(digits_path, "test")
+    clean = (loop.predict(undefended, x, batch_size=256, device=torch.device("cpu")) == y).float().mean()
+    counts = loop.clean_and_robust_correct(
+        undefended, x, y, eps=0.2, norm="linf", num_steps=20, step_size_factor=2.5, num_restarts=1,
+        batch_size=256, device=torch.device("cpu"),
+    )
+    robust = counts["robust_correct"] / counts["count"]
+    assert clean > 0.85, f"the undefended model should be accurate first (clean {clean:.3f})"
+    assert robust < 0.10, f"PGD-20 at eps=0.2 left {robust:.3f} accuracy"
+
+
+def test_pgd_at_least_as_strong_as_fgsm(batch, undefended):
+    x, y = batch
+    with torch.no_grad():
+        acc_fgsm = (undefended(fgsm(undefended, x, y, eps=0.1)).argmax(1) == y).float().mean()
+        acc_pgd = (undefended(pgd(undefended, x, y, eps=0.1, step_size=0.025, num_steps=10)).argmax(1) == y)
+    assert acc_pgd.float().mean() <= acc_fgsm
+
+
+def test_restarts_keep_the_strongest_iterate(batch, undefended):
+    x, y = batch
+    g = torch.Generator().manual_seed(0)
+    single = pgd(undefended, x, y, eps=0.05, step_size=0.02, num_steps=3, generator=g)
+    g = torch.Generator().manual_seed(0)
+    multi = pgd(undefended, x, y, eps=0.05, step_size=0.02, num_steps=3, num_restarts=4, generator=g)
+    with torch.no_grad():
+        wrong_single = (undefended(single).argmax(1) != y).sum()
+        wrong_multi = (undefended(multi).argmax(1) != y).sum()
+    assert wrong_multi >= wrong_single
+
+
+def test_generator_makes_attacks_reproducible(batch, undefended):
+    x, y = batch
+    a = pgd(undefended, x, y, eps=0.1, step_size=0.05, num_steps=2, generator=torch.Generator().manual_seed(3))
+    b = pgd(undefended, x, y, eps=0.1, step_size=0.05, num_steps=2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_zero_eps_returns_input(batch, undefended):
+    x, y = batch
+    assert torch.equal(pgd(undefended, x, y, eps=0.0, step_size=0.1, num_steps=3), x)
+    with pytest.raises(ValueError, match="num_steps >= 1"):
+        pgd(undefended, x, y, eps=0.1, step_size=0.1, num_steps=0)

@@ -1,0 +1,78 @@
+import pytest
+
+from pipeline.config import ConfigError, config_from_dict, flat_params, load_config, parse_override, to_toml
+
+ROOT_CONFIGS = "jobs/configs"
+
+
+def test_recipe_loads_and_overrides_apply():
+    config = load_config(f"{ROOT_CONFIGS}/digits_demo.toml", ["attack.eps=0.25", "run.epochs=3"])
+    assert config.attack.eps == 0.25
+    assert config.run.epochs == 3
+    assert config.scaling.num_workers == 2
+
+
+def test_flat_params_uses_dotted_keys():
+    params = flat_params(config_from_dict({"attack": {"eps": 0.3}}))
+    assert params["attack.eps"] == 0.3
+    assert "scaling.num_workers" in params and "optim.lr" in params
+
+
+def test_toml_round_trip(tmp_path):
+    config = config_from_dict({"attack": {"eps": 0.3, "norm": "l2"}, "run": {"name": 'a "quoted" name'}})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"attack": {"epss": 0.1}}, "unknown key 'attack.epss'. Did you mean 'attack.eps'?"),
+        ({"atack": {"eps": 0.1}}, "unknown table 'atack'. Did you mean 'attack'?"),
+        ({"attack": {"eps": -0.1}}, "attack.eps: Input should be greater than or equal to 0"),
+        ({"attack": {"num_steps": 0}}, "attack.num_steps"),
+        ({"scaling": {"num_workers": 0}}, "scaling.num_workers"),
+        ({"attack": {"name": "cw"}}, "attack.name: Input should be 'fgsm' or 'pgd'"),
+        ({"model": {"name": "resnet50"}}, "model.name"),
+        ({"run": {"epochs": "ten"}}, "run.epochs"),
+        ({"run": {"epochs": 2.5}}, "run.epochs"),
+        ({"scaling": {"use_gpu": "yes"}}, "scaling.use_gpu"),
+        ({"method": {"name": "fgsm_rs"}}, "set attack.name = 'fgsm'"),
+        ({"attack": {"eps": 0.0}}, "attack.eps is 0"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert expected in str(err.value)
+
+
+def test_unknown_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match="allowed: 'small_cnn', 'preact_resnet18' or 'wide_resnet'"):
+        config_from_dict({"model": {"name": "vgg"}})
+
+
+def test_overrides_parse_toml_literals():
+    assert parse_override("attack.eps=0.2") == ("attack.eps", 0.2)
+    assert parse_override("scaling.use_gpu=true") == ("scaling.use_gpu", True)
+    assert parse_override("method.name=pgd_at") == ("method.name", "pgd_at")
+    with pytest.raises(ConfigError, match="table.key=value"):
+        parse_override("attack.eps")
+    with pytest.raises(ConfigError, match="must be table.key"):
+        parse_override("eps=0.1")
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[attack\neps = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_config_is_frozen():
+    config = config_from_dict({})
+    with pytest.raises(Exception, match="frozen"):
+        config.attack.eps = 1.0  # type: ignore[misc]
