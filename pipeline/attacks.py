@@ -44,10 +44,7 @@ def _random_delta(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Gene
 
 
 def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        delta = delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
+    delta = delta.clamp(-eps, eps) if norm == "linf" else delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
     # Clamping to the image box after the ball projection keeps both constraints for Linf exactly
     # and for L2 (the box clip can only shrink the norm).
     return (x + delta).clamp(0, 1) - x
@@ -74,10 +71,7 @@ def _pgd_once(
             loss = loss_fn(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            if norm == "linf":
-                step = step_size * grad.sign()
-            else:
-                step = step_size * grad / _per_example_norm(grad)
+            step = step_size * grad.sign() if norm == "linf" else step_size * grad / _per_example_norm(grad)
             delta = _project(delta.detach() + step, x, eps, norm)
     return (x + delta).detach()
 

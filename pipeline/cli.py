@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +20,7 @@ data_app = typer.Typer(help="Prepare and check datasets in advtrain's Parquet fo
 app.add_typer(data_app, name="data")
 
 
-class Source(str, Enum):
+class Source(StrEnum):
     digits = "digits"
     fashion_mnist = "fashion-mnist"
     npz = "npz"
@@ -33,7 +33,9 @@ def _fail(message: str) -> None:
 
 @data_app.command("prepare")
 def data_prepare(
-    kind: Annotated[Source, typer.Argument(help="digits (bundled with scikit-learn), fashion-mnist (IDX files) or npz.")],
+    kind: Annotated[
+        Source, typer.Argument(help="digits (bundled with scikit-learn), fashion-mnist (IDX files) or npz.")
+    ],
     out: Annotated[Path, typer.Option(help="Output folder (metadata.json + train/val/test Parquet).")] = Path(""),
     source: Annotated[
         Path | None,

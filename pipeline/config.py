@@ -68,9 +68,7 @@ class AttackConfig(_Component):
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(default=0.1, ge=0.0, description="Radius in pixel space [0,1].")
     num_steps: int = Field(default=7, ge=1)
-    step_size_factor: float = Field(
-        default=2.5, gt=0.0, description="step_size = step_size_factor * eps / num_steps."
-    )
+    step_size_factor: float = Field(default=2.5, gt=0.0, description="step_size = step_size_factor * eps / num_steps.")
     random_start: bool = True
     num_restarts: int = Field(default=1, ge=1)
 
@@ -86,9 +84,7 @@ class MethodConfig(_Component):
 
 class ScheduleConfig(_Component):
     eps_ramp: Literal["none", "linear"] = "linear"
-    eps_ramp_epochs: float = Field(
-        default=0.0, ge=0.0, description="Epochs over which eps grows linearly from 0."
-    )
+    eps_ramp_epochs: float = Field(default=0.0, ge=0.0, description="Epochs over which eps grows linearly from 0.")
 
 
 class OptimConfig(_Component):
@@ -241,11 +237,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
 
 def flat_params(config: Config) -> dict[str, Any]:
     """{"attack.eps": 0.2, ...}: the MLflow params view, same keys as overrides."""
-    return {
-        f"{table}.{key}": value
-        for table, values in config.model_dump().items()
-        for key, value in values.items()
-    }
+    return {f"{table}.{key}": value for table, values in config.model_dump().items() for key, value in values.items()}
 
 
 def to_toml(config: Config) -> str:

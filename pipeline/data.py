@@ -152,9 +152,7 @@ def write_dataset(
     return read_metadata(out)
 
 
-def _check_arrays(
-    images: np.ndarray, labels: np.ndarray, *, shape: tuple, num_classes: int, where: str
-) -> None:
+def _check_arrays(images: np.ndarray, labels: np.ndarray, *, shape: tuple, num_classes: int, where: str) -> None:
     if images.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 after conversion, got {images.dtype}")
     if tuple(images.shape[1:]) != tuple(shape):
@@ -166,8 +164,7 @@ def _check_arrays(
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(
-            f"{where}: row {bad[0]} has label {labels[bad[0]]}, outside [0, {num_classes}) "
-            f"({bad.size} such rows)"
+            f"{where}: row {bad[0]} has label {labels[bad[0]]}, outside [0, {num_classes}) ({bad.size} such rows)"
         )
 
 
@@ -201,7 +198,7 @@ def _split_off(
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        second.append(idx[: int(round(len(idx) * fraction))])
+        second.append(idx[: round(len(idx) * fraction)])
     mask = np.zeros(len(labels), dtype=bool)
     mask[np.concatenate(second)] = True
     first_idx, second_idx = np.flatnonzero(~mask), np.flatnonzero(mask)
@@ -380,7 +377,9 @@ def read_file(info: DatasetInfo, entry: dict, *, verify_checksum: bool = True) -
     return _decode_table(table, info, str(path), expected_rows=entry.get("num_rows"))
 
 
-def _decode_table(table: pa.Table, info: DatasetInfo, where: str, expected_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _decode_table(
+    table: pa.Table, info: DatasetInfo, where: str, expected_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     for column in ("image", "label"):
         if column not in table.column_names:
             raise DataError(f"{where}: required column '{column}' missing (columns: {table.column_names})")
@@ -395,7 +394,9 @@ def _decode_table(table: pa.Table, info: DatasetInfo, where: str, expected_rows:
         raise DataError(f"{where}: {len(table)} rows but {METADATA_FILE} says {expected_rows}")
     if pa.types.is_fixed_size_binary(image_col.type):
         if image_col.type.byte_width != c * h * w:
-            raise DataError(f"{where}: images have {image_col.type.byte_width} bytes, shape {info.shape} needs {c * h * w}")
+            raise DataError(
+                f"{where}: images have {image_col.type.byte_width} bytes, shape {info.shape} needs {c * h * w}"
+            )
         buf = image_col.buffers()[1]
         flat = np.frombuffer(buf, dtype=np.uint8, count=len(image_col) * c * h * w, offset=image_col.offset * c * h * w)
     elif pa.types.is_binary(image_col.type) or pa.types.is_large_binary(image_col.type):
@@ -441,7 +442,9 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
 
 
-def decode_batch(images: np.ndarray, labels: np.ndarray, shape: tuple[int, int, int], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_batch(
+    images: np.ndarray, labels: np.ndarray, shape: tuple[int, int, int], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A Ray Data batch (object array of bytes, labels) -> checked float tensors in [0,1]."""
     c, h, w = shape
     flat = np.frombuffer(b"".join(bytes(b) for b in images), dtype=np.uint8)

@@ -56,7 +56,7 @@ def resolve_tracking_uri(configured: str = "", *, cwd: str | Path | None = None)
             path = (base / path).resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
             return f"sqlite:///{path}"
-    if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("sqlite")):
         raise TrackingError(
             f"tracking URI '{uri}': MLflow 3 refuses the plain file store; use sqlite:///path/mlflow.db "
             "or http://HOST:PORT of an `mlflow server`"
@@ -249,7 +249,9 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
     elif model_uri.startswith("runs:/"):
         source = model_uri
     else:
-        raise TrackingError(f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+        raise TrackingError(
+            f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)

@@ -113,7 +113,9 @@ def run_training(
     data_path = Path(config.data.path)
     data_path = data_path if data_path.is_absolute() else (base / data_path).resolve()
     info = data_lib.validate_dataset(data_path)
-    storage = _storage_uri(config.run.storage_path if "://" in config.run.storage_path else str(base / config.run.storage_path))
+    storage = _storage_uri(
+        config.run.storage_path if "://" in config.run.storage_path else str(base / config.run.storage_path)
+    )
     name = resume or config.run.name or unique_run_name(config_name)
     state = _run_state(storage, name)
     if state == "finished":
@@ -121,9 +123,15 @@ def run_training(
             f"run '{name}' already finished (in {storage}); pick a new run.name or leave it empty for a unique one"
         )
     if resume and state != "resumable":
-        raise ConfigError(f"--resume {name}: no checkpoint of that run in {storage}; check the name and run.storage_path")
-    config = config.model_copy(update={"run": config.run.model_copy(update={"name": name, "storage_path": storage}),
-                                       "data": config.data.model_copy(update={"path": str(data_path)})})
+        raise ConfigError(
+            f"--resume {name}: no checkpoint of that run in {storage}; check the name and run.storage_path"
+        )
+    config = config.model_copy(
+        update={
+            "run": config.run.model_copy(update={"name": name, "storage_path": storage}),
+            "data": config.data.model_copy(update={"path": str(data_path)}),
+        }
+    )
     loader = choose_loader(config, info)
     uri = tracking.resolve_tracking_uri(config.tracking.uri, cwd=base)
     run_id, mlflow_resumed = tracking.start_or_resume_run(
@@ -232,7 +240,9 @@ def _load_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def _ray_data_batches(batch_size: int, shape, num_classes: int):
     shard = ray.train.get_dataset_shard("train")
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size):
+    for batch in shard.iter_batches(
+        batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size
+    ):
         yield data_lib.decode_batch(batch["image"], batch["label"], shape, num_classes)
 
 
@@ -265,7 +275,9 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     attack_model = model.module if hasattr(model, "module") else model  # unwrapped: no DDP hooks
     optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
-    scheduler = loop.make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch)
+    scheduler = loop.make_scheduler(
+        optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch
+    )
     method = get_method(config.method.name)
 
     uri, run_id = ctx["tracking_uri"], ctx["run_id"]
@@ -293,14 +305,18 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
         torch.manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
         if ctx["loader"] == "memory":
-            indices = data_lib.shard_indices(num_train, rank=rank, world_size=world_size, epoch=epoch, seed=config.run.seed)
+            indices = data_lib.shard_indices(
+                num_train, rank=rank, world_size=world_size, epoch=epoch, seed=config.run.seed
+            )
             batches = loop.tensor_batches(x_train, y_train, indices, config.data.batch_size)
         else:
             batches = _ray_data_batches(config.data.batch_size, shape, num_classes)
 
         def eps_for_step(step: int, epoch: int = epoch) -> float:
             progress = epoch - 1 + step / max(steps_per_epoch, 1)
-            return eps_at(progress, eps=attack.eps, ramp=config.schedule.eps_ramp, ramp_epochs=config.schedule.eps_ramp_epochs)
+            return eps_at(
+                progress, eps=attack.eps, ramp=config.schedule.eps_ramp, ramp_epochs=config.schedule.eps_ramp_epochs
+            )
 
         train = loop.train_epoch(
             model,
@@ -331,7 +347,14 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         )
         val_seconds = time.perf_counter() - val_started
         loss_sum, correct, count, val_clean, val_robust, val_count = _all_reduce_sums(
-            [train["loss_sum"], train["correct"], train["count"], val["clean_correct"], val["robust_correct"], val["count"]],
+            [
+                train["loss_sum"],
+                train["correct"],
+                train["count"],
+                val["clean_correct"],
+                val["robust_correct"],
+                val["count"],
+            ],
             device,
         )
         metrics = {
@@ -389,7 +412,9 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     return _finish(config, ctx, attack_model, history, device)
 
 
-def _finish(config: Config, ctx: dict[str, Any], model: torch.nn.Module, history: list[dict], device: torch.device) -> dict[str, Any]:
+def _finish(
+    config: Config, ctx: dict[str, Any], model: torch.nn.Module, history: list[dict], device: torch.device
+) -> dict[str, Any]:
     """Rank 0: test-set numbers, then log and register the model (no pickle)."""
     uri, run_id, arch = ctx["tracking_uri"], ctx["run_id"], ctx["architecture"]
     x_test, y_test = data_lib.load_split(config.data.path, "test")

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config, to_toml
@@ -95,10 +94,18 @@ print(json.dumps({{"acc": float((pred == y).float().mean()), "pyfunc_same": same
 
 
 def test_tampered_weights_are_refused(trained, tmp_path):
-    from pipeline.tracking import TrackingError, load_model, load_weights, save_weights
     from pipeline.models import build_model
+    from pipeline.tracking import TrackingError, load_model, load_weights, save_weights
 
-    arch = {"name": "small_cnn", "width": 1, "depth": 16, "shape": [1, 8, 8], "num_classes": 10, "mean": [0.3], "std": [0.4]}
+    arch = {
+        "name": "small_cnn",
+        "width": 1,
+        "depth": 16,
+        "shape": [1, 8, 8],
+        "num_classes": 10,
+        "mean": [0.3],
+        "std": [0.4],
+    }
     save_weights(build_model(arch), arch, tmp_path)
     assert load_weights(tmp_path).training is False
     weights = tmp_path / "model.safetensors"
@@ -122,10 +129,19 @@ def test_interrupted_run_resumes_with_one_value_per_epoch(ray_address, digits_pa
     config = _config(digits_path, tmp_path, mlflow_server, "run.epochs=5", 'run.name="resume-me"', "data.batch_size=32")
     config_file = tmp_path / "resume.toml"
     config_file.write_text(to_toml(config))
-    command = [str(Path(sys.executable).with_name("advtrain")), "train", "--config", str(config_file), "--ray-address", ray_address]
+    command = [
+        str(Path(sys.executable).with_name("advtrain")),
+        "train",
+        "--config",
+        str(config_file),
+        "--ray-address",
+        ray_address,
+    ]
     client = MlflowClient(mlflow_server)
 
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + 300
     run_id = None
     while time.time() < deadline:

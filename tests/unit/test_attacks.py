@@ -35,8 +35,15 @@ def undefended(digits_path):
     for epoch in range(8):
         idx = shard_indices(len(x), rank=0, world_size=1, epoch=epoch, seed=0)
         loop.train_epoch(
-            model, model, loop.tensor_batches(x, y, idx, 64), optimizer=optimizer, scheduler=scheduler,
-            method=methods.standard, attack=AttackConfig(), eps_for_step=lambda s: 0.0, attack_mode="eval",
+            model,
+            model,
+            loop.tensor_batches(x, y, idx, 64),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            method=methods.standard,
+            attack=AttackConfig(),
+            eps_for_step=lambda s: 0.0,
+            attack_mode="eval",
             device=torch.device("cpu"),
         )
     return model.eval()
@@ -84,8 +91,16 @@ def test_pgd_breaks_undefended_model_on_digits(digits_path, undefended):
     x, y = load_split(digits_path, "test")
     clean = (loop.predict(undefended, x, batch_size=256, device=torch.device("cpu")) == y).float().mean()
     counts = loop.clean_and_robust_correct(
-        undefended, x, y, eps=0.2, norm="linf", num_steps=20, step_size_factor=2.5, num_restarts=1,
-        batch_size=256, device=torch.device("cpu"),
+        undefended,
+        x,
+        y,
+        eps=0.2,
+        norm="linf",
+        num_steps=20,
+        step_size_factor=2.5,
+        num_restarts=1,
+        batch_size=256,
+        device=torch.device("cpu"),
     )
     robust = counts["robust_correct"] / counts["count"]
     assert clean > 0.85, f"the undefended model should be accurate first (clean {clean:.3f})"
@@ -96,7 +111,7 @@ def test_pgd_at_least_as_strong_as_fgsm(batch, undefended):
     x, y = batch
     with torch.no_grad():
         acc_fgsm = (undefended(fgsm(undefended, x, y, eps=0.1)).argmax(1) == y).float().mean()
-        acc_pgd = (undefended(pgd(undefended, x, y, eps=0.1, step_size=0.025, num_steps=10)).argmax(1) == y)
+        acc_pgd = undefended(pgd(undefended, x, y, eps=0.1, step_size=0.025, num_steps=10)).argmax(1) == y
     assert acc_pgd.float().mean() <= acc_fgsm
 
 

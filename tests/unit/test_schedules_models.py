@@ -34,11 +34,18 @@ def test_step_size_and_lr_schedules():
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("small_cnn", (1, 8, 8)), ("small_cnn", (1, 28, 28)), ("preact_resnet18", (3, 32, 32)), ("wide_resnet", (3, 32, 32))],
+    [
+        ("small_cnn", (1, 8, 8)),
+        ("small_cnn", (1, 28, 28)),
+        ("preact_resnet18", (3, 32, 32)),
+        ("wide_resnet", (3, 32, 32)),
+    ],
 )
 def test_models_build_by_name_and_normalise_first(name, shape):
     c = shape[0]
-    arch = architecture(ModelConfig(name=name, width=1, depth=10), shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c)
+    arch = architecture(
+        ModelConfig(name=name, width=1, depth=10), shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c
+    )
     model = build_model(arch).eval()
     out = model(torch.rand(2, *shape))
     assert out.shape == (2, 10)
@@ -48,6 +55,14 @@ def test_models_build_by_name_and_normalise_first(name, shape):
 
 def test_bad_architectures_are_refused():
     with pytest.raises(ValueError, match="6n\\+4"):
-        build_model(architecture(ModelConfig(name="wide_resnet", depth=12), shape=(3, 32, 32), num_classes=10, mean=(0.5,) * 3, std=(0.2,) * 3))
+        build_model(
+            architecture(
+                ModelConfig(name="wide_resnet", depth=12),
+                shape=(3, 32, 32),
+                num_classes=10,
+                mean=(0.5,) * 3,
+                std=(0.2,) * 3,
+            )
+        )
     with pytest.raises(ValueError, match="divisible by 4"):
         build_model(architecture(ModelConfig(), shape=(1, 10, 10), num_classes=10, mean=(0.5,), std=(0.2,)))

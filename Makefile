@@ -1,0 +1,40 @@
+# The two commands: `make demo` (the main job) and `make test` (lint + the test suite).
+# Each sets itself up: creates .venv and installs the project with pinned versions the first time,
+# and does nothing more while pyproject.toml and constraints.txt are unchanged.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	# torch first and alone: 2.13.0 resolves to the CPU build on these machines (no CUDA download).
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+data/digits/metadata.json: $(STAMP)
+	$(BIN)/advtrain data prepare digits --out data/digits
+
+demo: $(STAMP) data/digits/metadata.json
+	$(BIN)/advtrain train --config jobs/configs/digits_demo.toml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) data runs mlruns
