@@ -90,5 +90,5 @@ def test_ray_data_refuses_a_cluster_without_spare_cpu(ray_address, digits_path, 
     from pipeline.config import ConfigError
 
     config = _config(digits_path, tmp_path, mlflow_server, 'data.loader="ray_data"')
-    with pytest.raises(ConfigError, match="scaling.cpus_per_worker"):
+    with pytest.raises(ConfigError, match=r"scaling\.cpus_per_worker"):
         run_training(config, config_name="stream")
