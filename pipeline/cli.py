@@ -118,7 +118,7 @@ def train(
     except (ConfigError, DataError, TrackingError) as err:
         _fail(str(err))
     ui = (
-        f"mlflow ui --backend-store-uri {summary.tracking_uri}"
+        f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {summary.tracking_uri}"
         if summary.tracking_uri.startswith("sqlite")
         else f"open {summary.tracking_uri}"
     )
@@ -142,6 +142,81 @@ def train(
             ]
         )
     )
+
+
+class Protocol(StrEnum):
+    fast = "fast"
+    standard = "standard"
+    pgd = "pgd"
+
+
+class NormChoice(StrEnum):
+    linf = "linf"
+    l2 = "l2"
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[
+        str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local model folder.")
+    ],
+    data: Annotated[
+        Path | None, typer.Option(help="Prepared dataset folder (default: the data.path the model was trained on).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate on: test, val or train.")] = "test",
+    norm: Annotated[NormChoice | None, typer.Option(help="Threat model norm (default: the training attack's).")] = None,
+    eps: Annotated[float | None, typer.Option(help="Radius in pixel space [0,1] (default: the training eps).")] = None,
+    num_examples: Annotated[int, typer.Option(help="First N examples of the split (0 = all).")] = 1000,
+    protocol: Annotated[
+        Protocol,
+        typer.Option(help="fast (APGD-CE + APGD-T/3), standard (AutoAttack-style ensemble + sanity checks), pgd."),
+    ] = Protocol.standard,
+    seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/<model>-<protocol>-...).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster (else RAY_ADDRESS, else local).")] = None,
+) -> None:
+    """Robust accuracy under an attack ensemble, sharded over Ray, with sanity checks and a report.
+
+    Example: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from pipeline import train as train_lib
+    from pipeline.data import DataError
+    from pipeline.evaluation_run import run_evaluation
+    from pipeline.tracking import TrackingError
+
+    train_lib.init_ray(ray_address)
+    try:
+        rep = run_evaluation(
+            model,
+            data_path=str(data) if data else None,
+            split=split,
+            norm=norm.value if norm else None,
+            eps=eps,
+            num_examples=num_examples,
+            protocol=protocol.value,
+            seed=seed,
+            out_dir=out,
+        )
+    except (ValueError, DataError, TrackingError) as err:
+        _fail(str(err))
+    low, high = rep["robust_accuracy_ci95"]
+    lines = [
+        "",
+        f"{model}: {rep['threat_model']['norm']} eps={rep['threat_model']['eps']}, protocol {protocol.value}, "
+        f"{rep['protocol']['num_examples']} examples, {rep['seconds']['total']:.0f}s",
+        f"  clean accuracy   {rep['clean_accuracy']:.4f}",
+        f"  robust accuracy  {rep['robust_accuracy']:.4f}  (95% CI {low:.4f}-{high:.4f})",
+    ]
+    lines += [f"    after {name:9s} {acc:.4f}" for name, acc in rep["accuracy_after_each_attack"].items()]
+    if rep["sanity"]:
+        for name, check in rep["sanity"]["checks"].items():
+            lines.append(f"  sanity {name:26s} {'pass' if check['passed'] else 'FAIL'}")
+        lines.append(
+            f"  verdict          {'SUSPECT (a sanity check failed)' if rep['suspect'] else 'all sanity checks passed'}"
+        )
+    lines.append(f"  report           {rep['report_dir']}")
+    typer.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +166,7 @@ def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
     return digest
 
 
-def load_weights(folder: str | Path, *, expected_sha256: str | None = None) -> nn.Module:
-    """Rebuild the network from a folder with architecture.json + model.safetensors (no unpickling).
-
-    Verifies the weights' sha256 against `expected_sha256` (e.g. the registry tag) or, failing that,
-    the one recorded in architecture.json. Returns the model in eval mode on CPU.
-    """
+def _load_folder(folder: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str, dict]:
     folder = Path(folder)
     weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
     arch_file = next(iter(sorted(folder.rglob(ARCH_FILE))), None)
@@ -186,7 +182,16 @@ def load_weights(folder: str | Path, *, expected_sha256: str | None = None) -> n
         )
     model = build_model(arch)
     model.load_state_dict(load_file(str(weights)))
-    return model.eval()
+    return model.eval(), digest, arch
+
+
+def load_weights(folder: str | Path, *, expected_sha256: str | None = None) -> nn.Module:
+    """Rebuild the network from a folder with architecture.json + model.safetensors (no unpickling).
+
+    Verifies the weights' sha256 against `expected_sha256` (e.g. the registry tag) or, failing that,
+    the one recorded in architecture.json. Returns the model in eval mode on CPU.
+    """
+    return _load_folder(folder, expected_sha256=expected_sha256)[0]
 
 
 def log_and_register_model(
@@ -229,25 +234,43 @@ def log_and_register_model(
     return result
 
 
-def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a local folder -> nn.Module.
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A loaded model and where it came from (registry coordinates when it has them)."""
 
-    Eval mode, CPU, weights verified against the registry's `weights_sha256` tag when the URI names a
-    registered version; never unpickles.
+    model: nn.Module
+    weights_sha256: str
+    architecture: dict[str, Any]
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> ResolvedModel:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a local folder -> the model.
+
+    Eval mode, CPU; the weights' sha256 is checked against the registry's `weights_sha256` tag when the
+    URI names a registered version (else against architecture.json); never unpickles.
     """
     if Path(model_uri).exists():
-        return load_weights(model_uri)
+        model, digest, arch = _load_folder(model_uri)
+        return ResolvedModel(model, digest, arch)
     uri = resolve_tracking_uri(tracking_uri or "")
     client = client_for(uri)
-    expected = None
+    expected = name = version_number = run_id = None
     if model_uri.startswith("models:/"):
         name, version = _registered_version(client, model_uri)
         expected = version.tags.get("weights_sha256")
         if not expected:
             raise TrackingError(f"{model_uri}: version {version.version} has no weights_sha256 tag")
-        source = f"models:/{name}/{version.version}"
+        version_number, run_id = str(version.version), version.run_id
+        # The version's own artifact location: a models:/ URI would be resolved against the default
+        # registry (MLFLOW_REGISTRY_URI / ./mlflow.db), not the tracking URI given here.
+        source = client.get_model_version_download_uri(name, version.version)
     elif model_uri.startswith("runs:/"):
         source = model_uri
+        run_id = model_uri[len("runs:/") :].split("/")[0]
     else:
         raise TrackingError(
             f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
@@ -257,7 +280,13 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
         except MlflowException as err:
             raise TrackingError(f"{model_uri}: cannot download the model ({err.message})") from None
-        return load_weights(local, expected_sha256=expected)
+        model, digest, arch = _load_folder(local, expected_sha256=expected)
+    return ResolvedModel(model, digest, arch, name, version_number, run_id, uri)
+
+
+def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
+    """The nn.Module behind a model URI (see `resolve_model`), in eval mode, weights verified."""
+    return resolve_model(model_uri, tracking_uri=tracking_uri).model
 
 
 def _registered_version(client: MlflowClient, model_uri: str):
@@ -285,3 +314,17 @@ def _aliases(client: MlflowClient, name: str) -> list[str]:
         return sorted(client.get_registered_model(name).aliases)
     except MlflowException:
         raise TrackingError(f"no registered model named '{name}'") from None
+
+
+def run_params(uri: str, run_id: str) -> dict[str, str]:
+    return dict(client_for(uri).get_run(run_id).data.params)
+
+
+def log_artifacts(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:
+    client_for(uri).log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+
+def set_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) -> None:
+    client = client_for(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

@@ -175,6 +175,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train's per-report INFO lines drown the per-epoch progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}},
         ),
         datasets=datasets,
     )
@@ -246,6 +247,16 @@ def _ray_data_batches(batch_size: int, shape, num_classes: int):
         yield data_lib.decode_batch(batch["image"], batch["label"], shape, num_classes)
 
 
+def _quiet_report_logging() -> None:
+    """Ray Train logs every report at INFO ("Reporting training result ...") from a logger named after
+    its module's file; the per-epoch line of rank 0 says the same, readably."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray version with another layout: keep its logs
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker. Returns rank 0's summary (the driver reads result.return_value)."""
     config = Config.model_validate(ctx["config"])
@@ -253,8 +264,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    # Ray Train logs every report at INFO; the per-epoch line below says the same, readably.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_logging()
     # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match explicitly.
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()

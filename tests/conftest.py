@@ -87,3 +87,58 @@ def ray_address():
     init_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0):
+    """A small_cnn trained on digits without Ray (plain loop): real models for attack/eval tests."""
+    import torch
+
+    from pipeline import loop, methods
+    from pipeline.config import AttackConfig, ModelConfig, OptimConfig
+    from pipeline.data import load_split, read_metadata, shard_indices
+    from pipeline.models import architecture, build_model
+    from pipeline.schedules import eps_at
+
+    info = read_metadata(digits_path)
+    x, y = load_split(digits_path, "train")
+    arch = architecture(ModelConfig(), shape=info.shape, num_classes=10, mean=info.mean, std=info.std)
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    opt_cfg = OptimConfig(name="adam", lr=0.001 if method != "standard" else 0.002, weight_decay=0.0)
+    optimizer = loop.make_optimizer(model, opt_cfg)
+    steps = -(-len(x) // 64)
+    scheduler = loop.make_scheduler(optimizer, opt_cfg, total_epochs=epochs, steps_per_epoch=steps)
+    attack = AttackConfig(eps=0.2, num_steps=7)
+    for epoch in range(epochs):
+        idx = shard_indices(len(x), rank=0, world_size=1, epoch=epoch, seed=seed)
+        loop.train_epoch(
+            model,
+            model,
+            loop.tensor_batches(x, y, idx, 64),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            method=methods.get_method(method),
+            attack=attack,
+            eps_for_step=lambda s, e=epoch: eps_at(e + s / steps, eps=0.2, ramp="linear", ramp_epochs=5),
+            attack_mode="eval",
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(seed + epoch),
+        )
+    return model.eval(), arch
+
+
+@pytest.fixture(scope="session")
+def undefended(digits_path):
+    """small_cnn trained normally on digits for a few epochs (~2 s): accurate and undefended."""
+    return train_in_process(digits_path, method="standard", epochs=8)[0]
+
+
+@pytest.fixture(scope="session")
+def adversarially_trained(digits_path, tmp_path_factory):
+    """PGD-AT small_cnn on digits (Linf eps=0.2), saved as a model folder; (model, folder)."""
+    from pipeline.tracking import save_weights
+
+    model, arch = train_in_process(digits_path, method="pgd_at", epochs=25)
+    folder = tmp_path_factory.mktemp("at-model")
+    save_weights(model, arch, folder)
+    return model, folder

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import loop, methods
-from pipeline.attacks import fgsm, pgd
-from pipeline.config import AttackConfig, ModelConfig, OptimConfig
-from pipeline.data import load_split, shard_indices
+from pipeline import loop
+from pipeline.attacks import ATTACKS, fgsm, get_attack, pgd
+from pipeline.config import ModelConfig
+from pipeline.data import load_split
 from pipeline.models import architecture, build_model
 
 
@@ -23,34 +23,17 @@ def batch(digits_path):
     return x[:64], y[:64]
 
 
-@pytest.fixture(scope="module")
-def undefended(digits_path):
-    """small_cnn trained normally on digits for a few epochs (~2 s): a real, accurate, undefended model."""
-    x, y = load_split(digits_path, "train")
-    model = _tiny_model()
-    opt_cfg = OptimConfig(name="adam", lr=0.002, weight_decay=0.0, lr_schedule="constant")
-    optimizer = loop.make_optimizer(model, opt_cfg)
-    scheduler = loop.make_scheduler(optimizer, opt_cfg, total_epochs=8, steps_per_epoch=20)
-    torch.manual_seed(0)
-    for epoch in range(8):
-        idx = shard_indices(len(x), rank=0, world_size=1, epoch=epoch, seed=0)
-        loop.train_epoch(
-            model,
-            model,
-            loop.tensor_batches(x, y, idx, 64),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            method=methods.standard,
-            attack=AttackConfig(),
-            eps_for_step=lambda s: 0.0,
-            attack_mode="eval",
-            device=torch.device("cpu"),
-        )
-    return model.eval()
-
-
 ATTACK_CALLS = {
     "fgsm": lambda m, x, y, eps, norm: fgsm(m, x, y, eps=eps, norm=norm),
+    "pgd_cw": lambda m, x, y, eps, norm: get_attack("pgd_cw")(
+        m, x, y, eps=eps, step_size=eps / 4, num_steps=10, norm=norm
+    ),
+    "apgd_ce": lambda m, x, y, eps, norm: get_attack("apgd_ce")(m, x, y, eps=eps, norm=norm, num_steps=20),
+    "apgd_dlr": lambda m, x, y, eps, norm: get_attack("apgd_dlr")(m, x, y, eps=eps, norm=norm, num_steps=20),
+    "apgd_t": lambda m, x, y, eps, norm: get_attack("apgd_t")(
+        m, x, y, eps=eps, norm=norm, num_steps=20, num_target_classes=3
+    ),
+    "square": lambda m, x, y, eps, norm: get_attack("square")(m, x, y, eps=eps, norm=norm, num_queries=300),
     "fgsm_rs": lambda m, x, y, eps, norm: fgsm(m, x, y, eps=eps, step_size=1.25 * eps, norm=norm, random_start=True),
     "pgd": lambda m, x, y, eps, norm: pgd(m, x, y, eps=eps, step_size=eps / 4, num_steps=10, norm=norm),
     "pgd_restarts": lambda m, x, y, eps, norm: pgd(
@@ -72,7 +55,15 @@ def test_stays_in_ball_and_box_and_raises_loss(name, norm, eps, batch, undefende
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert not x_adv.requires_grad
     with torch.no_grad():
-        assert F.cross_entropy(undefended(x_adv), y) > F.cross_entropy(undefended(x), y)
+        # Loss up (CE for gradient attacks; Square minimises the margin, so accuracy must drop).
+        if name == "square":
+            assert (undefended(x_adv).argmax(1) == y).float().mean() < (undefended(x).argmax(1) == y).float().mean()
+        else:
+            assert F.cross_entropy(undefended(x_adv), y) > F.cross_entropy(undefended(x), y)
+
+
+def test_every_registered_attack_is_tested():
+    assert set(ATTACKS) <= set(ATTACK_CALLS) | {"pgd"}
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -82,6 +73,8 @@ def test_no_parameter_gradients_and_mode_unchanged(mode, batch):
     x, y = batch
     pgd(model, x, y, eps=0.1, step_size=0.05, num_steps=3, num_restarts=2)
     fgsm(model, x, y, eps=0.1)
+    for name in ("apgd_ce", "apgd_t", "square"):
+        get_attack(name)(model, x, y, eps=0.1, num_steps=5, num_queries=20, num_target_classes=2)
     assert all(p.grad is None for p in model.parameters())
     assert model.training == (mode == "train")
     assert all(m.training == (mode == "train") for m in model.modules())
@@ -139,3 +132,42 @@ def test_zero_eps_returns_input(batch, undefended):
     assert torch.equal(pgd(undefended, x, y, eps=0.0, step_size=0.1, num_steps=3), x)
     with pytest.raises(ValueError, match="num_steps >= 1"):
         pgd(undefended, x, y, eps=0.1, step_size=0.1, num_steps=0)
+
+
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t", "square"])
+def test_strong_attacks_break_undefended_model(name, digits_path, undefended):
+    x, y = load_split(digits_path, "test", max_examples=200)
+    kwargs = {"eps": 0.2, "norm": "linf", "num_steps": 100, "num_queries": 2000, "num_target_classes": 9}
+    x_adv = get_attack(name)(undefended, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    with torch.no_grad():
+        accuracy = (undefended(x_adv).argmax(1) == y).float().mean()
+    assert accuracy < 0.05, f"{name} left {accuracy:.3f}"
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    from pipeline.attacks.apgd import _checkpoints
+
+    # p_0=0, p_1=0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) -> for 100 iterations:
+    assert _checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_square_schedule_halves_p():
+    from pipeline.attacks.square import p_selection
+
+    assert p_selection(0.8, 0, 10000) == 0.8
+    assert p_selection(0.8, 11, 10000) == 0.4
+    assert p_selection(0.8, 600, 10000) == 0.05
+    assert p_selection(0.8, 50, 100) == 0.8 / 128  # rescaled to the budget: 50/100 -> 5000/10000
+
+
+def test_losses():
+    from pipeline.attacks.losses import cw_margin, dlr, dlr_targeted
+
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(cw_margin(logits, y), torch.tensor([-2.0, 2.0]))
+    # DLR: -(z_y - max_other) / (z_pi1 - z_pi3)
+    assert torch.allclose(dlr(logits, y), torch.tensor([-(3 - 1) / (3 - 0), -(0 - 2) / (2 - 0)]))
+    target = torch.tensor([1, 1])
+    expected = torch.tensor([-(3 - 1) / (3 - 0.5 * (0 - 1)), -(0 - 2) / (2 - 0.5 * (0 - 1))])
+    assert torch.allclose(dlr_targeted(logits, y, target), expected)

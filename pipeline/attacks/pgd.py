@@ -1,12 +1,6 @@
-"""White-box attacks as pure functions: `attack(model, x, y, *, eps, ...) -> x_adv`.
+"""PGD and FGSM. The contract every attack keeps is in the package docstring (pipeline/attacks).
 
-Contract (every attack, tested):
-- x is a batch of pixels in [0,1]; eps is measured in that space; x_adv is detached, inside the eps-ball
-  around x (Linf or L2) and inside [0,1].
-- gradients are taken w.r.t. the perturbation only, with torch.autograd.grad: no `loss.backward()` (under
-  DDP that would all-reduce once per attack step) and no parameter `.grad` is touched.
-- the model's train()/eval() mode is never changed: the caller states it (BatchNorm policy).
-- randomness comes from `generator` when given (per-rank seeds), else torch's global RNG.
+Attacks never call `loss.backward()`: under DDP that would all-reduce once per attack step.
 """
 
 from __future__ import annotations
@@ -15,8 +9,11 @@ from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pipeline.attacks.losses import cross_entropy, cw_margin
+
+PER_EXAMPLE_LOSSES = {"ce": cross_entropy, "cw": cw_margin}
 
 Norm = Literal["linf", "l2"]
 
@@ -63,22 +60,18 @@ def _pgd_once(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
+    # Sum of per-example losses, not the mean: the step must not shrink with the batch size.
     delta = _random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     for _ in range(num_steps):
         delta.requires_grad_(True)
         # enable_grad: attacks work even when the caller evaluates under torch.no_grad().
         with torch.enable_grad():
-            loss = loss_fn(model(x + delta), y)
+            loss = loss_fn(model(x + delta), y).sum()
             (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             step = step_size * grad.sign() if norm == "linf" else step_size * grad / _per_example_norm(grad)
             delta = _project(delta.detach() + step, x, eps, norm)
     return (x + delta).detach()
-
-
-def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # Sum, not mean: the step must not shrink with the batch size (L2 steps use the raw gradient norm).
-    return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
 def pgd(
@@ -92,10 +85,13 @@ def pgd(
     norm: Norm = "linf",
     random_start: bool = True,
     num_restarts: int = 1,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy_sum,
+    loss: str = "ce",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Projected gradient descent on the cross-entropy (Madry et al. 2018, arXiv:1706.06083).
+    """Projected gradient descent (Madry et al. 2018, arXiv:1706.06083).
+
+    `loss`: "ce" (cross-entropy) or "cw" (the Carlini & Wagner margin, max_{i!=y} z_i - z_y, which does
+    not saturate when the softmax does).
 
     Linf: signed-gradient steps projected onto the box; L2: normalised-gradient steps projected onto
     the ball. With several restarts each example keeps its strongest iterate: one that is misclassified
@@ -105,6 +101,7 @@ def pgd(
         raise ValueError("pgd needs eps >= 0, step_size >= 0, num_steps >= 1, num_restarts >= 1")
     if eps == 0:
         return x.detach().clone()
+    loss_fn = PER_EXAMPLE_LOSSES[loss]
     best = None
     best_fooled = best_loss = None
     for _ in range(num_restarts):
@@ -125,15 +122,15 @@ def pgd(
         with torch.no_grad():
             logits = model(x_adv)
             fooled = logits.argmax(1) != y
-            loss = F.cross_entropy(logits.float(), y, reduction="none")
+            value = loss_fn(logits, y)
         if best is None:
-            best, best_fooled, best_loss = x_adv, fooled, loss
+            best, best_fooled, best_loss = x_adv, fooled, value
             continue
-        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (value > best_loss))
         mask = better.view(-1, *([1] * (x.dim() - 1)))
         best = torch.where(mask, x_adv, best)
         best_fooled = best_fooled | fooled
-        best_loss = torch.where(better, loss, best_loss)
+        best_loss = torch.where(better, value, best_loss)
     assert best is not None
     return best
 
@@ -168,13 +165,3 @@ def fgsm(
         num_restarts=1,
         generator=generator,
     )
-
-
-ATTACKS: dict[str, Callable[..., torch.Tensor]] = {"fgsm": fgsm, "pgd": pgd}
-
-
-def get_attack(name: str) -> Callable[..., torch.Tensor]:
-    try:
-        return ATTACKS[name]
-    except KeyError:
-        raise ValueError(f"unknown attack '{name}'; allowed: {', '.join(ATTACKS)}") from None

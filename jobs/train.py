@@ -1,0 +1,8 @@
+"""`ray job submit ... -- python jobs/train.py --config jobs/configs/digits_demo.toml [--set k=v ...]`"""
+
+import sys
+
+from pipeline.cli import app
+
+if __name__ == "__main__":
+    sys.exit(app(["train", *sys.argv[1:]], prog_name="jobs/train.py"))

@@ -1,0 +1,410 @@
+"""Robust evaluation: worst case over an attack ensemble, sanity checks against gradient masking, reports.
+
+Pure torch (no ray, no mlflow): pipeline.evaluation_run shards `evaluate_chunk` over Ray workers and logs
+the report. Robust accuracy is the per-example worst case: an example counts as robust only if no
+attack of the protocol fooled it; like AutoAttack, each attack runs only on the points still robust.
+Randomness is seeded per chunk of examples, so results do not depend on how chunks are sharded.
+
+Sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Athalye et al. 2018;
+AutoAttack's warnings) flag a model as suspect when its number is likely an artefact of weak attacks
+or masked gradients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.attacks import get_attack
+from pipeline.attacks.losses import cw_margin
+
+# (attack name, keyword arguments). step_size for PGD is set from eps at run time.
+PROTOCOLS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "fast": [("apgd_ce", {"num_steps": 50}), ("apgd_t", {"num_steps": 50, "num_target_classes": 3})],
+    # AutoAttack's "standard" version (Croce & Hein 2020) without FAB-T.
+    "standard": [
+        ("apgd_ce", {"num_steps": 100}),
+        ("apgd_t", {"num_steps": 100, "num_target_classes": 9}),
+        ("square", {"num_queries": 5000}),
+    ],
+    "pgd": [("pgd", {"num_steps": 50, "num_restarts": 2}), ("pgd_cw", {"num_steps": 50, "num_restarts": 1})],
+}
+NUM_GRID_EXAMPLES = 16
+SANITY_EXAMPLES = 200
+
+
+@dataclass
+class ChunkResult:
+    """Per-example outcome for examples [start, start + n)."""
+
+    start: int
+    clean_correct: torch.Tensor  # bool (n,)
+    robust_after: dict[str, torch.Tensor]  # attack -> bool (n,), cumulative over the protocol
+    predicted_adv: torch.Tensor  # int (n,) prediction on the final adversarial input
+    grid_x_adv: torch.Tensor | None = None  # x_adv of examples with index < NUM_GRID_EXAMPLES
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def attack_kwargs(name: str, kwargs: dict[str, Any], *, eps: float, norm: str) -> dict[str, Any]:
+    out = {"eps": eps, "norm": norm, **kwargs}
+    if name in ("pgd", "pgd_cw"):
+        out["step_size"] = 2.5 * eps / kwargs["num_steps"]
+    return out
+
+
+def evaluate_chunk(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    start: int,
+    norm: str,
+    eps: float,
+    protocol: str,
+    seed: int,
+    device: torch.device | None = None,
+) -> ChunkResult:
+    """Run the protocol's attacks on one chunk (model in eval mode; the caller sets it)."""
+    import time
+
+    device = device or torch.device("cpu")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    clean = predicted == y
+    robust = clean.clone()
+    x_final = x.clone()
+    robust_after, seconds = {}, {}
+    for name, kwargs in PROTOCOLS[protocol]:
+        started = time.perf_counter()
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel():
+            x_adv = get_attack(name)(
+                model, x[idx], y[idx], generator=generator, **attack_kwargs(name, kwargs, eps=eps, norm=norm)
+            )
+            with torch.no_grad():
+                adv_pred = model(x_adv).argmax(1)
+            fooled = adv_pred != y[idx]
+            robust[idx[fooled]] = False
+            x_final[idx[fooled]] = x_adv[fooled]
+            predicted[idx[fooled]] = adv_pred[fooled]
+        robust_after[name] = robust.clone().cpu()
+        seconds[name] = time.perf_counter() - started
+    grid = None
+    if start < NUM_GRID_EXAMPLES:
+        grid = x_final[: NUM_GRID_EXAMPLES - start].cpu()
+    return ChunkResult(start, clean.cpu(), robust_after, predicted.cpu(), grid, seconds)
+
+
+def merge(chunks: list[ChunkResult]) -> ChunkResult:
+    """Chunks (any order) -> one result over all examples, in index order."""
+    chunks = sorted(chunks, key=lambda c: c.start)
+    names = list(chunks[0].robust_after)
+    grids = [c.grid_x_adv for c in chunks if c.grid_x_adv is not None]
+    seconds = {n: sum(c.seconds.get(n, 0.0) for c in chunks) for n in names}
+    return ChunkResult(
+        start=0,
+        clean_correct=torch.cat([c.clean_correct for c in chunks]),
+        robust_after={n: torch.cat([c.robust_after[n] for c in chunks]) for n in names},
+        predicted_adv=torch.cat([c.predicted_adv for c in chunks]),
+        grid_x_adv=torch.cat(grids) if grids else None,
+        seconds=seconds,
+    )
+
+
+def evaluate_examples(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    protocol: str,
+    seed: int,
+    chunk_size: int,
+) -> ChunkResult:
+    """The whole evaluation in this process (what the Ray shards compute, chunk by chunk)."""
+    chunks = [
+        evaluate_chunk(
+            model,
+            x[s : s + chunk_size],
+            y[s : s + chunk_size],
+            start=s,
+            norm=norm,
+            eps=eps,
+            protocol=protocol,
+            seed=seed,
+        )
+        for s in range(0, len(y), chunk_size)
+    ]
+    return merge(chunks)
+
+
+def per_example(result: ChunkResult) -> dict[str, list]:
+    """Which examples were clean-correct, robust, and which attack broke each (None = robust or wrong)."""
+    names = list(result.robust_after)
+    broken_by: list[str | None] = [None] * len(result.clean_correct)
+    previous = result.clean_correct
+    for name in names:
+        for i in (previous & ~result.robust_after[name]).nonzero().squeeze(1).tolist():
+            broken_by[i] = name
+        previous = result.robust_after[name]
+    return {
+        "clean_correct": result.clean_correct.tolist(),
+        "robust": result.robust_after[names[-1]].tolist(),
+        "broken_by": broken_by,
+    }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+
+def _accuracy_under(model, x, y, attack: str, seed: int, **kwargs) -> float:
+    generator = torch.Generator().manual_seed(seed)
+    x_adv = get_attack(attack)(model, x, y, generator=generator, **kwargs)
+    with torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def large_eps(norm: str, shape: tuple[int, ...]) -> float:
+    """A radius that contains a neutral image for every input: Linf 0.5 (all-grey), L2 its equivalent."""
+    return 0.5 if norm == "linf" else 0.5 * math.sqrt(math.prod(shape))
+
+
+def unbounded_eps(norm: str, shape: tuple[int, ...]) -> float:
+    """A radius that contains the whole image box: any image is reachable."""
+    return 1.0 if norm == "linf" else math.sqrt(math.prod(shape))
+
+
+def sanity_checks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    num_classes: int,
+    result: ChunkResult,
+    protocol: str,
+    seed: int,
+) -> dict[str, Any]:
+    """The six checks on the first SANITY_EXAMPLES examples (model in eval mode). Each has numbers,
+    a threshold and `passed`; `suspect` is True when any fails."""
+    n = min(SANITY_EXAMPLES, len(y))
+    xs, ys = x[:n], y[:n]
+    shape = tuple(x.shape[1:])
+    checks: dict[str, dict[str, Any]] = {}
+    names = [name for name, _ in PROTOCOLS[protocol]]
+    worst_subset = float(result.robust_after[names[-1]][:n].float().mean())
+    chance = max(1.0 / num_classes, float(torch.bincount(ys, minlength=num_classes).max()) / n)
+
+    # (1) Accuracy falls as eps grows and reaches chance at a large eps.
+    big = large_eps(norm, shape)
+    grid = sorted({round(eps * f, 6) for f in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)} | {big})
+    grid = [e for e in grid if e <= big]
+    curve = [
+        (
+            e,
+            _accuracy_under(model, xs, ys, "apgd_ce", seed, eps=e, norm=norm, num_steps=50)
+            if e > 0
+            else float((model(xs).argmax(1) == ys).float().mean()),
+        )
+        for e in grid
+    ]
+    rises = [(a, b) for (_, a), (_, b) in itertools.pairwise(curve) if b > a + 0.01]
+    checks["monotone_in_eps"] = {
+        "curve": [{"eps": e, "accuracy": a} for e, a in curve],
+        "largest_rise": max((b - a for a, b in rises), default=0.0),
+        "accuracy_at_large_eps": curve[-1][1],
+        "chance": chance,
+        "passed": not rises and curve[-1][1] <= chance + 0.02,
+        "rule": "accuracy never rises by > 1 point as eps grows; at the large eps it is <= chance + 2 points",
+    }
+    # (2) An unbounded attack succeeds on (almost) everything.
+    unbounded_acc = _accuracy_under(
+        model, xs, ys, "apgd_ce", seed, eps=unbounded_eps(norm, shape), norm=norm, num_steps=100
+    )
+    checks["unbounded_attack"] = {
+        "success_rate": 1.0 - unbounded_acc,
+        "passed": unbounded_acc <= 0.01,
+        "rule": "an attack with the whole image box as budget succeeds on >= 99% of examples",
+    }
+    # (3) Iterative attacks are at least as strong as FGSM.
+    fgsm_acc = _accuracy_under(model, xs, ys, "fgsm", seed, eps=eps, norm=norm)
+    checks["iterative_beats_fgsm"] = {
+        "fgsm_accuracy": fgsm_acc,
+        "ensemble_accuracy": worst_subset,
+        "passed": worst_subset <= fgsm_acc,
+        "rule": "worst-case robust accuracy <= FGSM accuracy",
+    }
+    # (4) More steps and restarts barely change the number.
+    still = result.robust_after[names[-1]][:n].nonzero().squeeze(1)
+    newly = 0
+    if still.numel():
+        generator = torch.Generator().manual_seed(seed + 1)
+        xr, yr = xs[still], ys[still]
+        stronger = get_attack("apgd_ce")(
+            model, xr, yr, eps=eps, norm=norm, num_steps=200, num_restarts=3, generator=generator
+        )
+        with torch.no_grad():
+            fooled = model(stronger).argmax(1) != yr
+        rest = (~fooled).nonzero().squeeze(1)
+        if rest.numel():
+            stronger_t = get_attack("apgd_t")(
+                model, xr[rest], yr[rest], eps=eps, norm=norm, num_steps=200, generator=generator
+            )
+            with torch.no_grad():
+                fooled[rest] |= model(stronger_t).argmax(1) != yr[rest]
+        newly = int(fooled.sum())
+    checks["more_steps_restarts"] = {
+        "extra_broken": newly,
+        "accuracy_change": newly / n,
+        "passed": newly / n < 0.01,
+        "rule": "APGD-CE (2x steps, 3 restarts) + APGD-T (2x steps) change robust accuracy by < 1 point",
+    }
+    # (5) The black-box attack is not stronger than the white-box ones (AutoAttack's 0.2-point rule).
+    if "square" in names and len(names) > 1:
+        before = result.robust_after[names[names.index("square") - 1]].float().mean()
+        after = result.robust_after["square"].float().mean()
+        checks["black_box_not_stronger"] = {
+            "white_box_accuracy": float(before),
+            "after_square": float(after),
+            "square_extra_drop": float(before - after),
+            "passed": float(before - after) <= 0.002,
+            "rule": "Square lowers the white-box robust accuracy by at most 0.2 points",
+        }
+    # (6) Input gradients exist: none zero or non-finite. The CW margin does not saturate the way the
+    # cross-entropy of a very confident model does, so a zero here means a masked gradient.
+    probe = xs.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(cw_margin(model(probe), ys).sum(), probe)
+    flat = grad.flatten(1)
+    bad = (~torch.isfinite(flat).all(1)) | (flat.abs().amax(1) == 0)
+    checks["gradients_finite_nonzero"] = {
+        "fraction_zero_or_nonfinite": float(bad.float().mean()),
+        "passed": float(bad.float().mean()) <= 0.01,
+        "rule": "<= 1% of examples have an all-zero or non-finite input gradient (CW margin loss)",
+    }
+    return {"num_examples": n, "checks": checks, "passed": all(c["passed"] for c in checks.values())}
+
+
+def report(
+    result: ChunkResult,
+    *,
+    sanity: dict[str, Any] | None,
+    protocol: str,
+    norm: str,
+    eps: float,
+    seed: int,
+    model_info: dict[str, Any],
+    data_info: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The JSON report: every number with the protocol that produced it."""
+    import platform
+
+    import torch as _torch
+
+    n = len(result.clean_correct)
+    names = [name for name, _ in PROTOCOLS[protocol]]
+    robust = int(result.robust_after[names[-1]].sum())
+    clean = int(result.clean_correct.sum())
+    low, high = wilson_interval(robust, n)
+    return {
+        "model": model_info,
+        "data": data_info,
+        "threat_model": {"norm": norm, "eps": eps},
+        "clean_accuracy": clean / n,
+        "robust_accuracy": robust / n,
+        "robust_accuracy_ci95": [low, high],
+        "accuracy_after_each_attack": {name: float(result.robust_after[name].float().mean()) for name in names},
+        "sanity": sanity,
+        "suspect": (not sanity["passed"]) if sanity else None,
+        "protocol": {
+            "name": protocol,
+            "attacks": [{"name": name, **kwargs} for name, kwargs in PROTOCOLS[protocol]],
+            "worst_case": "per example over the attacks; each attack runs only on points still robust",
+            "num_examples": n,
+            "seed": seed,
+        },
+        "seconds": {"total": seconds, **{f"attack.{k}": v for k, v in result.seconds.items()}},
+        "versions": {"torch": _torch.__version__, "python": platform.python_version(), "advtrain": _advtrain_version()},
+    }
+
+
+def _advtrain_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("advtrain")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def plot_curve(sanity: dict[str, Any], path, *, norm: str, eps: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = sanity["checks"]["monotone_in_eps"]["curve"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["eps"] for p in curve], [p["accuracy"] for p in curve], marker="o")
+    ax.axvline(eps, color="grey", linestyle="--", label=f"eval eps={eps}")
+    ax.axhline(sanity["checks"]["monotone_in_eps"]["chance"], color="red", linestyle=":", label="chance")
+    ax.set_xlabel(f"{norm} eps")
+    ax.set_ylabel("accuracy (APGD-CE)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Robust accuracy vs eps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_examples(
+    x: torch.Tensor, y: torch.Tensor, result: ChunkResult, class_names: list[str], path, *, count: int = 8
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if result.grid_x_adv is None:
+        return
+    count = min(count, len(result.grid_x_adv))
+    fig, axes = plt.subplots(2, count, figsize=(1.4 * count, 3.2), squeeze=False)
+    for i in range(count):
+        for row, (image, label) in enumerate(
+            [
+                (x[i], f"true: {class_names[int(y[i])]}" + ("" if result.clean_correct[i] else " (missed)")),
+                (result.grid_x_adv[i], f"adv: {class_names[int(result.predicted_adv[i])]}"),
+            ]
+        ):
+            ax = axes[row][i]
+            img = image.permute(1, 2, 0).numpy()
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(label, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

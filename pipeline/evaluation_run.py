@@ -1,0 +1,188 @@
+"""`advtrain evaluate`: robust evaluation sharded over Ray, its report, plots and MLflow evidence.
+
+The examples are cut into fixed chunks; each chunk is a Ray task (so evaluation scales with the
+cluster) seeded by its position, so the per-example results do not depend on the sharding. Results are
+merged per example; sanity checks run on the merged result; the JSON report and plots are written to a
+folder and, when the model comes from MLflow, logged to its run, with summary tags on the model version
+(`eval.robust_acc`, `eval.protocol`, `eval.sanity`, `eval.weights_sha256`, ...) that promotion reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from pipeline import data as data_lib
+from pipeline import tracking
+from pipeline.evaluate import (
+    PROTOCOLS,
+    ChunkResult,
+    evaluate_chunk,
+    merge,
+    per_example,
+    plot_curve,
+    plot_examples,
+    report,
+    sanity_checks,
+)
+from pipeline.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+def _rebuild(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    torch.set_num_threads(1)  # one task per CPU; same numerics on every worker
+    model = build_model(arch)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@ray.remote(num_cpus=1)
+def _chunk_task(model_ref, x, y, *, start, norm, eps, protocol, seed) -> ChunkResult:
+    arch, state = model_ref
+    model = _rebuild(arch, state)
+    return evaluate_chunk(model, x, y, start=start, norm=norm, eps=eps, protocol=protocol, seed=seed)
+
+
+@ray.remote(num_cpus=1)
+def _sanity_task(model_ref, x, y, **kwargs) -> dict[str, Any]:
+    arch, state = model_ref
+    return sanity_checks(_rebuild(arch, state), x, y, **kwargs)
+
+
+def run_evaluation(
+    model_uri: str,
+    *,
+    data_path: str | None = None,
+    split: str = "test",
+    norm: str | None = None,
+    eps: float | None = None,
+    num_examples: int = 1000,
+    protocol: str = "standard",
+    seed: int = 0,
+    chunk_size: int = 64,
+    out_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    run_sanity: bool | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on the connected Ray cluster; returns the report (also written to `out_dir`)."""
+    started = time.perf_counter()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")
+    resolved = tracking.resolve_model(model_uri, tracking_uri=tracking_uri)
+    params = tracking.run_params(resolved.tracking_uri, resolved.run_id) if resolved.run_id else {}
+    data_path = data_path or params.get("data.path")
+    if not data_path:
+        raise ValueError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
+    norm = norm or params.get("attack.norm")
+    eps = eps if eps is not None else (float(params["attack.eps"]) if "attack.eps" in params else None)
+    if norm not in ("linf", "l2") or eps is None or eps < 0:
+        raise ValueError(f"threat model unknown or invalid (norm={norm!r}, eps={eps!r}): pass --norm linf|l2 --eps E")
+    info = data_lib.read_metadata(data_path)
+    if list(info.shape) != list(resolved.architecture["shape"]):
+        raise ValueError(f"{data_path}: images {info.shape} but the model expects {resolved.architecture['shape']}")
+    x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
+    run_sanity = protocol == "standard" if run_sanity is None else run_sanity
+
+    model_ref = ray.put((resolved.architecture, resolved.model.state_dict()))
+    pending = [
+        _chunk_task.remote(
+            model_ref,
+            x[s : s + chunk_size],
+            y[s : s + chunk_size],
+            start=s,
+            norm=norm,
+            eps=eps,
+            protocol=protocol,
+            seed=seed,
+        )
+        for s in range(0, len(y), chunk_size)
+    ]
+    chunks = _gather(pending, total=len(y), chunk_size=chunk_size, progress=progress)
+    result = merge(chunks)
+    sanity = None
+    if run_sanity:
+        sanity = ray.get(
+            _sanity_task.remote(
+                model_ref,
+                x,
+                y,
+                norm=norm,
+                eps=eps,
+                num_classes=info.num_classes,
+                result=result,
+                protocol=protocol,
+                seed=seed,
+            )
+        )
+    model_info = {
+        "uri": model_uri,
+        "name": resolved.name,
+        "version": resolved.version,
+        "run_id": resolved.run_id,
+        "weights_sha256": resolved.weights_sha256,
+        "architecture": resolved.architecture["name"],
+    }
+    data_info = {"path": str(data_path), "split": split, "source": info.source}
+    rep = report(
+        result,
+        sanity=sanity,
+        protocol=protocol,
+        norm=norm,
+        eps=eps,
+        seed=seed,
+        model_info=model_info,
+        data_info=data_info,
+        seconds=time.perf_counter() - started,
+    )
+    label = f"{protocol}-{norm}-eps{eps:g}"
+    out = Path(out_dir or Path("reports") / f"{resolved.name or 'model'}-v{resolved.version or 'local'}-{label}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / "per_example.json").write_text(json.dumps(per_example(result)) + "\n")
+    if sanity:
+        plot_curve(sanity, out / "accuracy_vs_eps.png", norm=norm, eps=eps)
+    plot_examples(x, y, result, list(info.class_names), out / "examples.png")
+    rep["report_dir"] = str(out.resolve())
+    if resolved.run_id:
+        tracking.log_artifacts(resolved.tracking_uri, resolved.run_id, out, f"evaluation/{label}")
+    if resolved.name and resolved.version:
+        tracking.set_version_tags(
+            resolved.tracking_uri,
+            resolved.name,
+            resolved.version,
+            {
+                "eval.robust_acc": rep["robust_accuracy"],
+                "eval.clean_acc": rep["clean_accuracy"],
+                "eval.protocol": protocol,
+                "eval.norm": norm,
+                "eval.eps": eps,
+                "eval.num_examples": len(y),
+                "eval.split": split,
+                "eval.sanity": "skipped" if sanity is None else ("passed" if sanity["passed"] else "failed"),
+                "eval.weights_sha256": resolved.weights_sha256,
+                "eval.report": f"runs:/{resolved.run_id}/evaluation/{label}/report.json",
+            },
+        )
+    return rep
+
+
+def _gather(pending: list, *, total: int, chunk_size: int, progress: bool) -> list[ChunkResult]:
+    from tqdm import tqdm
+
+    chunks: list[ChunkResult] = []
+    with tqdm(total=total, desc="evaluating", unit="ex", disable=not progress, file=sys.stderr) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            chunk = ray.get(done[0])
+            chunks.append(chunk)
+            bar.update(len(chunk.clean_correct))
+    return chunks
