@@ -1,4 +1,4 @@
-# The two commands: `make demo` (the main job) and `make test` (lint + the test suite).
+# The two commands: `make demo` (the main job: train, register, evaluate, promote) and `make test` (lint + the test suite).
 # Each sets itself up: creates .venv and installs the project with pinned versions the first time,
 # and does nothing more while pyproject.toml and constraints.txt are unchanged.
 
@@ -24,6 +24,11 @@ data/digits/metadata.json: $(STAMP)
 
 demo: $(STAMP) data/digits/metadata.json
 	$(BIN)/advtrain train --config jobs/configs/digits_demo.toml
+	$(BIN)/advtrain evaluate --model models:/digits-linf@challenger --protocol standard
+	@# A refused promotion (every failed gate printed) is a normal outcome of the demo, not a failure.
+	$(BIN)/advtrain promote --name digits-linf --version challenger --policy jobs/configs/promotion.toml \
+		|| echo "(the new version was not promoted: see the failed gates above)"
+	$(BIN)/advtrain models list digits-linf
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -119,6 +119,16 @@ class TrackingConfig(_Component):
     )
     experiment: str = Field(default="advtrain", min_length=1)
     registered_model: str = Field(default="", description="Registry name; empty skips registering.")
+    alias: str = Field(
+        default="challenger",
+        description="Alias moved to each newly registered version (empty: none); `champion` is only set by promotion.",
+    )
+
+    @model_validator(mode="after")
+    def _not_champion(self) -> TrackingConfig:
+        if self.alias == "champion":
+            raise ValueError("tracking.alias cannot be 'champion': only `advtrain promote` sets it, through its gates")
+        return self
 
 
 class Config(_Component):

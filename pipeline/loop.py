@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks import pgd
-from pipeline.config import AttackConfig, OptimConfig
+from pipeline.config import AttackConfig, Config, OptimConfig
 from pipeline.methods import Method
 from pipeline.schedules import lr_factor
 
@@ -144,3 +144,52 @@ def clean_and_robust_correct(
     finally:
         model.train(was_training)
     return {"clean_correct": clean, "robust_correct": robust, "count": float(len(x))}
+
+
+def fit_plain(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    config: Config,
+    device: torch.device | None = None,
+) -> list[dict[str, float]]:
+    """The training a Ray worker does, in one process with no Ray: the same method, attack, eps and LR
+    schedules and data order as rank 0 of a 1-worker run. For quick experiments, tests, and the
+    plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats."""
+    from pipeline.data import shard_indices
+    from pipeline.methods import get_method
+    from pipeline.schedules import eps_at
+
+    device = device or torch.device("cpu")
+    model.to(device)
+    optimizer = make_optimizer(model, config.optim)
+    steps = -(-len(y) // config.data.batch_size)
+    scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps)
+    method, attack, schedule = get_method(config.method.name), config.attack, config.schedule
+    stats = []
+    for epoch in range(1, config.run.epochs + 1):
+        generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009)
+        indices = shard_indices(len(y), rank=0, world_size=1, epoch=epoch, seed=config.run.seed)
+
+        def eps_for_step(step: int, epoch: int = epoch) -> float:
+            return eps_at(
+                epoch - 1 + step / steps, eps=attack.eps, ramp=schedule.eps_ramp, ramp_epochs=schedule.eps_ramp_epochs
+            )
+
+        stats.append(
+            train_epoch(
+                model,
+                model,
+                tensor_batches(x, y, indices, config.data.batch_size),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                method=method,
+                attack=attack,
+                eps_for_step=eps_for_step,
+                attack_mode=config.method.attack_mode,
+                device=device,
+                generator=generator,
+            )
+        )
+    return stats

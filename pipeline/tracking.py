@@ -202,6 +202,7 @@ def log_and_register_model(
     arch: dict[str, Any],
     registered_model: str,
     version_tags: dict[str, Any],
+    alias: str = "",
 ) -> dict[str, Any]:
     """Log the model to the run (pyfunc from code, safetensors) and register a new version.
 
@@ -231,6 +232,8 @@ def log_and_register_model(
         # which a tracking server requires for a models:/m-... source.
         version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
         result["version"] = int(version.version)
+        if alias:
+            client_for(uri).set_registered_model_alias(registered_model, alias, str(version.version))
     return result
 
 
@@ -328,3 +331,19 @@ def set_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) ->
     client = client_for(uri)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+
+
+def stored_weights_sha256(uri: str, name: str, version: str) -> str:
+    """sha256 of a registered version's weights as stored in the artifact store now (downloaded, so a
+    file changed after evaluation is caught; tags are not trusted for this)."""
+    client = client_for(uri)
+    source = client.get_model_version_download_uri(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
+        except MlflowException as err:
+            raise TrackingError(f"{name}/{version}: cannot download the stored model ({err.message})") from None
+        weights = next(iter(sorted(local.rglob(WEIGHTS_FILE))), None)
+        if weights is None:
+            raise TrackingError(f"{name}/{version}: no {WEIGHTS_FILE} in the stored model")
+        return sha256_file(weights)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 FINISHED_MARKER = "advtrain_finished.json"
 SENTINEL_METRIC = "train/loss"
+PROBE_EXAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     else:
         num_train = data_lib.read_metadata(data_path).num_rows("train")
     x_val, y_val = data_lib.load_split(data_path, "val", max_examples=config.validation.num_examples)
+    x_probe, y_probe = x_val[:PROBE_EXAMPLES], y_val[:PROBE_EXAMPLES]
     x_val, y_val = x_val[rank::world_size], y_val[rank::world_size]
 
     torch.manual_seed(config.run.seed)  # same initial weights on every rank (DDP also broadcasts)
@@ -355,6 +357,22 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             device=device,
             generator=generator,
         )
+        if rank == 0:
+            # Catastrophic-overfitting probe (Wong et al. 2020): PGD-10 accuracy on a fixed validation
+            # batch with a fixed seed; a sudden collapse here while train accuracy climbs is the sign.
+            probe = loop.clean_and_robust_correct(
+                attack_model,
+                x_probe,
+                y_probe,
+                eps=attack.eps,
+                norm=attack.norm,
+                num_steps=10,
+                step_size_factor=2.5,
+                num_restarts=1,
+                batch_size=config.validation.batch_size,
+                device=device,
+                generator=torch.Generator(device=device).manual_seed(config.run.seed),
+            )
         val_seconds = time.perf_counter() - val_started
         loss_sum, correct, count, val_clean, val_robust, val_count = _all_reduce_sums(
             [
@@ -379,6 +397,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             "time/val_s": val_seconds,
             "time/epoch_s": train["seconds"] + val_seconds,
         }
+        if rank == 0:
+            metrics["val/probe_pgd_acc"] = probe["robust_correct"] / max(probe["count"], 1)
         history.append({"epoch": epoch, "metrics": metrics})
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -403,7 +423,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 tracking.log_epoch(uri, run_id, metrics, epoch=epoch)
                 already_logged.add(epoch)
             log.info(
-                "epoch %3d/%d  loss %.4f  train_acc %.3f  eps %.3f  val_clean %.3f  val_robust %.3f  %.0f img/s  %.1fs",
+                "epoch %3d/%d  loss %.4f  train_acc %.3f  eps %.3f  val_clean %.3f  val_robust %.3f  probe %.3f  "
+                "%.0f img/s  %.1fs",
                 epoch,
                 config.run.epochs,
                 metrics["train/loss"],
@@ -411,6 +432,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 metrics["train/eps"],
                 metrics["val/clean_acc"],
                 metrics["val/robust_acc"],
+                metrics["val/probe_pgd_acc"],
                 metrics["train/images_per_s"],
                 metrics["time/epoch_s"],
             )
@@ -457,6 +479,7 @@ def _finish(
         model=cpu_model,
         arch=arch,
         registered_model=config.tracking.registered_model,
+        alias=config.tracking.alias,
         version_tags={
             "dataset": ctx["dataset_source"],
             "threat_model.norm": config.attack.norm,

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback with a sqlite backend and proxied artifacts; yields its URI."""
+def mlflow_server(mlflow_server_root) -> str:
+    """The URI of a real `mlflow server` process on 127.0.0.1 (sqlite backend, proxied artifacts)."""
+    return mlflow_server_root[0]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_root(tmp_path_factory):
+    """Starts the server; yields (uri, folder holding its database and artifact store)."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -71,7 +78,7 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri
+    yield uri, root
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
     log.close()
@@ -90,40 +97,28 @@ def ray_address():
 
 
 def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0):
-    """A small_cnn trained on digits without Ray (plain loop): real models for attack/eval tests."""
-    import torch
-
-    from pipeline import loop, methods
-    from pipeline.config import AttackConfig, ModelConfig, OptimConfig
-    from pipeline.data import load_split, read_metadata, shard_indices
+    """A small_cnn trained on digits without Ray (loop.fit_plain): real models for attack/eval tests."""
+    from pipeline.config import config_from_dict
+    from pipeline.data import load_split, read_metadata
+    from pipeline.loop import fit_plain
     from pipeline.models import architecture, build_model
-    from pipeline.schedules import eps_at
 
+    config = config_from_dict(
+        {
+            "run": {"epochs": epochs, "seed": seed},
+            "data": {"batch_size": 64},
+            "attack": {"eps": 0.2, "num_steps": 7},
+            "method": {"name": method},
+            "schedule": {"eps_ramp": "linear", "eps_ramp_epochs": 5},
+            "optim": {"name": "adam", "lr": 0.001 if method != "standard" else 0.002, "weight_decay": 0.0},
+        }
+    )
     info = read_metadata(digits_path)
     x, y = load_split(digits_path, "train")
-    arch = architecture(ModelConfig(), shape=info.shape, num_classes=10, mean=info.mean, std=info.std)
+    arch = architecture(config.model, shape=info.shape, num_classes=10, mean=info.mean, std=info.std)
     torch.manual_seed(seed)
     model = build_model(arch)
-    opt_cfg = OptimConfig(name="adam", lr=0.001 if method != "standard" else 0.002, weight_decay=0.0)
-    optimizer = loop.make_optimizer(model, opt_cfg)
-    steps = -(-len(x) // 64)
-    scheduler = loop.make_scheduler(optimizer, opt_cfg, total_epochs=epochs, steps_per_epoch=steps)
-    attack = AttackConfig(eps=0.2, num_steps=7)
-    for epoch in range(epochs):
-        idx = shard_indices(len(x), rank=0, world_size=1, epoch=epoch, seed=seed)
-        loop.train_epoch(
-            model,
-            model,
-            loop.tensor_batches(x, y, idx, 64),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            method=methods.get_method(method),
-            attack=attack,
-            eps_for_step=lambda s, e=epoch: eps_at(e + s / steps, eps=0.2, ramp="linear", ramp_epochs=5),
-            attack_mode="eval",
-            device=torch.device("cpu"),
-            generator=torch.Generator().manual_seed(seed + epoch),
-        )
+    fit_plain(model, x, y, config=config)
     return model.eval(), arch
 
 

@@ -18,7 +18,15 @@ from pipeline.train import run_training
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-PER_EPOCH_KEYS = ["train/loss", "train/acc", "train/eps", "val/clean_acc", "val/robust_acc", "time/epoch_s"]
+PER_EPOCH_KEYS = [
+    "train/loss",
+    "train/acc",
+    "train/eps",
+    "val/clean_acc",
+    "val/robust_acc",
+    "val/probe_pgd_acc",
+    "time/epoch_s",
+]
 
 
 def _config(digits_path, tmp_path, mlflow_uri, *overrides):
@@ -65,12 +73,14 @@ def test_adversarial_training_beats_standard_by_30_points(trained):
 
 
 def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(trained, mlflow_server, digits_path):
-    adversarial, _ = trained
+    adversarial, standard = trained
     client = MlflowClient(mlflow_server)
     version = client.get_model_version("digits-it", str(adversarial.model_version))
     assert version.tags["weights_sha256"] == adversarial.weights_sha256
     assert version.tags["threat_model.norm"] == "linf" and version.tags["threat_model.eps"] == "0.2"
     assert version.tags["dataset"] == "sklearn.datasets.load_digits"
+    # Each new version becomes the `challenger`; `champion` is left to promotion.
+    assert client.get_model_version_by_alias("digits-it", "challenger").version == str(standard.model_version)
     logged = client.get_metric_history(adversarial.mlflow_run_id, "test/clean_acc")[-1].value
     code = f"""
 import sys, json, torch, mlflow.pyfunc

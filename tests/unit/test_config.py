@@ -42,6 +42,7 @@ def test_toml_round_trip(tmp_path):
         ({"scaling": {"use_gpu": "yes"}}, "scaling.use_gpu"),
         ({"method": {"name": "fgsm_rs"}}, "set attack.name = 'fgsm'"),
         ({"attack": {"eps": 0.0}}, "attack.eps is 0"),
+        ({"tracking": {"alias": "champion"}}, "only `advtrain promote` sets it"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(raw, expected):

@@ -1,0 +1,207 @@
+"""Robust-accuracy-gated promotion against a real `mlflow server`, with real evaluation evidence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import registry, tracking
+from pipeline.evaluation_run import run_evaluation
+from pipeline.registry import PromotionPolicy
+from pipeline.tracking import TrackingError
+
+pytestmark = pytest.mark.integration
+POLICY = PromotionPolicy(min_examples=60)
+
+
+def _register(uri, name, model, arch, digits_path) -> str:
+    run_id, _ = tracking.start_or_resume_run(
+        uri,
+        experiment="registry-it",
+        run_name=f"{name}-{len(MlflowClient(uri).search_model_versions(f'name = {name!r}'))}",
+        params={"data.path": str(digits_path), "attack.norm": "linf", "attack.eps": 0.2},
+        config_toml="",
+        tags={},
+    )
+    arch = {k: v for k, v in arch.items() if k != "weights_sha256"}
+    registered = tracking.log_and_register_model(
+        uri,
+        run_id,
+        model=model,
+        arch=arch,
+        registered_model=name,
+        version_tags={"threat_model.norm": "linf", "threat_model.eps": 0.2},
+        alias="",
+    )
+    return str(registered["version"])
+
+
+def _evaluate(uri, name, version, tmp_path):
+    return run_evaluation(
+        f"models:/{name}/{version}",
+        tracking_uri=uri,
+        num_examples=60,
+        protocol="standard",
+        out_dir=tmp_path / f"{name}-{version}",
+        progress=False,
+    )
+
+
+def _dead_model(arch):
+    """A degenerate small_cnn whose first ReLUs are all dead: constant output, zero input gradient."""
+    from pipeline.models import build_model
+
+    model = build_model(arch)
+    with torch.no_grad():
+        model[1].features[0].bias.fill_(-1e4)
+    return model.eval()
+
+
+def _snapshot(uri, name):
+    client = MlflowClient(uri)
+    model = client.get_registered_model(name)
+    versions = client.search_model_versions(f"name = '{name}'")
+    return dict(model.aliases), dict(model.tags), {v.version: dict(v.tags) for v in versions}
+
+
+@pytest.fixture(scope="module")
+def versions(ray_address, mlflow_server, digits_path, undefended, adversarially_trained, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("registry")
+    at_model, at_folder = adversarially_trained
+    arch = json.loads((at_folder / "architecture.json").read_text())
+    v = {
+        "undefended": _register(mlflow_server, "promo", undefended, arch, digits_path),
+        "at": _register(mlflow_server, "promo", at_model, arch, digits_path),
+        "dead": _register(mlflow_server, "promo", _dead_model(arch), arch, digits_path),
+        "no_evidence": _register(mlflow_server, "promo", at_model, arch, digits_path),
+        "tampered": _register(mlflow_server, "promo", at_model, arch, digits_path),
+    }
+    reports = {key: _evaluate(mlflow_server, "promo", v[key], tmp) for key in ("undefended", "at", "dead", "tampered")}
+    return v, reports
+
+
+def test_promotion_gates_aliases_and_rollback(versions, mlflow_server):
+    v, reports = versions
+    client = MlflowClient(mlflow_server)
+    assert reports["at"]["robust_accuracy"] > reports["undefended"]["robust_accuracy"] + 0.2
+
+    first = registry.promote("promo", v["undefended"], policy=POLICY, tracking_uri=mlflow_server)
+    assert first.promoted, first.gates
+    better = registry.promote("promo", v["at"], policy=POLICY, tracking_uri=mlflow_server)
+    assert better.promoted, better.gates
+    aliases = client.get_registered_model("promo").aliases
+    assert aliases["champion"] == v["at"] and aliases["previous-champion"] == v["undefended"]
+    tags = client.get_model_version("promo", v["at"]).tags
+    assert tags["promotion.previous"] == v["undefended"] and json.loads(tags["promotion.gates"])
+
+    def refused(version, gate, policy=POLICY):
+        before = _snapshot(mlflow_server, "promo")
+        result = registry.promote("promo", version, policy=policy, tracking_uri=mlflow_server)
+        assert not result.promoted
+        failed = {g.name for g in result.gates if not g.passed}
+        assert gate in failed, result.gates
+        assert _snapshot(mlflow_server, "promo") == before  # registry exactly as it was
+        return result
+
+    worse = refused(v["undefended"], "beats_champion")
+    assert "vs champion" in next(g.detail for g in worse.gates if g.name == "beats_champion")
+    refused(v["dead"], "sanity_checks", PromotionPolicy(min_examples=60, clean_floor=0.0))
+    missing = refused(v["no_evidence"], "evidence")
+    assert "advtrain evaluate" in missing.gates[0].detail
+
+    record = registry.rollback("promo", tracking_uri=mlflow_server)
+    assert record["version"] == v["undefended"]
+    assert client.get_registered_model("promo").aliases["champion"] == v["undefended"]
+    history = registry.show("promo", tracking_uri=mlflow_server)["history"]
+    assert [h["event"] for h in history] == ["promote", "promote", "rollback"]
+    assert registry.promote("promo", v["at"], policy=POLICY, tracking_uri=mlflow_server).promoted
+
+
+def test_changed_weights_after_evaluation_are_refused(versions, mlflow_server_root):
+    v, _ = versions
+    uri, root = mlflow_server_root
+    client = MlflowClient(uri)
+    source = client.get_model_version("promo", v["tampered"]).source  # models:/m-<id>
+    model_id = source.rsplit("/", 1)[-1]
+    weights = [p for p in (root / "artifacts").rglob("model.safetensors") if model_id in str(p)]
+    assert len(weights) == 1
+    raw = bytearray(weights[0].read_bytes())
+    raw[-3] ^= 0x01
+    weights[0].write_bytes(bytes(raw))
+    before = _snapshot(uri, "promo")
+    result = registry.promote("promo", v["tampered"], policy=POLICY, tracking_uri=uri)
+    assert not result.promoted
+    assert not next(g for g in result.gates if g.name == "weights_match_evidence").passed
+    assert _snapshot(uri, "promo") == before
+    with pytest.raises(TrackingError, match="does not match"):
+        tracking.load_model(f"models:/promo/{v['tampered']}", tracking_uri=uri)
+
+
+def test_champion_loads_in_fresh_process_with_the_evaluated_accuracy(versions, mlflow_server, digits_path):
+    v, _reports = versions
+    registry.promote("promo", v["at"], policy=POLICY, tracking_uri=mlflow_server)  # champion already or now
+    champion = MlflowClient(mlflow_server).get_registered_model("promo").aliases["champion"]
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from pipeline.registry import load_model
+from pipeline.data import load_split
+from pipeline.loop import predict
+model = load_model("models:/promo@champion")
+x, y = load_split({str(digits_path)!r}, "test", max_examples=60)
+pred = predict(model, x, batch_size=64, device=torch.device("cpu"))
+print(json.dumps({{"clean": float((pred == y).float().mean()), "training": model.training}}))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    tags = MlflowClient(mlflow_server).get_model_version("promo", champion).tags
+    assert loaded["clean"] == float(tags["eval.clean_acc"]) and loaded["training"] is False
+
+
+def test_racing_promotions_leave_one_champion_and_a_consistent_history(
+    ray_address, mlflow_server, digits_path, undefended, adversarially_trained, tmp_path
+):
+    at_model, at_folder = adversarially_trained
+    arch = json.loads((at_folder / "architecture.json").read_text())
+    base = _register(mlflow_server, "race", undefended, arch, digits_path)
+    contenders = [_register(mlflow_server, "race", at_model, arch, digits_path) for _ in range(2)]
+    for version in (base, *contenders):
+        _evaluate(mlflow_server, "race", version, tmp_path)
+    assert registry.promote("race", base, policy=POLICY, tracking_uri=mlflow_server).promoted
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text("min_examples = 60\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    advtrain = str(Path(sys.executable).with_name("advtrain"))
+    racers = [
+        subprocess.Popen(
+            [advtrain, "promote", "--name", "race", "--version", v, "--policy", str(policy_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for v in contenders
+    ]
+    outputs = [r.communicate(timeout=300)[0] for r in racers]
+    assert all(r.returncode == 0 for r in racers), outputs  # equal robust accuracy passes margin 0
+    client = MlflowClient(mlflow_server)
+    model = client.get_registered_model("race")
+    history = json.loads(model.tags[registry.HISTORY_TAG])
+    promotions = [h for h in history if h["event"] == "promote"]
+    assert next(h["version"] for h in promotions) == base and len(promotions) == 3
+    # A chain: each promotion's `previous` is the champion the one before it installed.
+    for earlier, later in itertools.pairwise(promotions):
+        assert later["previous"] == earlier["version"], history
+    assert model.aliases["champion"] == promotions[-1]["version"]
+    assert model.aliases["previous-champion"] == promotions[-2]["version"]
+    assert not [m for m in client.search_registered_models() if m.name.endswith(registry.LOCK_SUFFIX)]
