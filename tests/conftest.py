@@ -15,6 +15,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# MLflow draws a progress bar per artifact download; it only buries test output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @pytest.fixture(scope="session")
