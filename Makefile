@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 data/digits/metadata.json: $(STAMP)
 	$(BIN)/advtrain data prepare digits --out data/digits
 
+# DEMO_SET: extra overrides for the demo's training, e.g. a deliberately weaker run that promotion
+# should refuse: make demo DEMO_SET="--set run.epochs=8"
+DEMO_SET ?=
+
 demo: $(STAMP) data/digits/metadata.json
-	$(BIN)/advtrain train --config jobs/configs/digits_demo.toml
+	$(BIN)/advtrain train --config jobs/configs/digits_demo.toml $(DEMO_SET)
 	$(BIN)/advtrain evaluate --model models:/digits-linf@challenger --protocol standard
 	@# A refused promotion (every failed gate printed) is a normal outcome of the demo, not a failure.
 	$(BIN)/advtrain promote --name digits-linf --version challenger --policy jobs/configs/promotion.toml \

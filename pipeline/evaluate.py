@@ -270,7 +270,7 @@ def sanity_checks(
         rest = (~fooled).nonzero().squeeze(1)
         if rest.numel():
             stronger_t = get_attack("apgd_t")(
-                model, xr[rest], yr[rest], eps=eps, norm=norm, num_steps=200, generator=generator
+                model, xr[rest], yr[rest], eps=eps, norm=norm, num_steps=200, num_target_classes=3, generator=generator
             )
             with torch.no_grad():
                 fooled[rest] |= model(stronger_t).argmax(1) != yr[rest]
@@ -278,8 +278,9 @@ def sanity_checks(
     checks["more_steps_restarts"] = {
         "extra_broken": newly,
         "accuracy_change": newly / n,
-        "passed": newly / n < 0.01,
-        "rule": "APGD-CE (2x steps, 3 restarts) + APGD-T (2x steps) change robust accuracy by < 1 point",
+        # Below 100 examples one example is more than a point: allow that single one.
+        "passed": newly / n < 0.01 or newly <= 1,
+        "rule": "APGD-CE (200 steps, 3 restarts) + APGD-T (top-3, 200 steps) change it by < 1 point (or 1 example)",
     }
     # (5) The black-box attack is not stronger than the white-box ones (AutoAttack's 0.2-point rule).
     if "square" in names and len(names) > 1:

@@ -159,7 +159,7 @@ def fit_plain(
     plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats."""
     from pipeline.data import shard_indices
     from pipeline.methods import get_method
-    from pipeline.schedules import eps_at
+    from pipeline.schedules import eps_by_step
 
     device = device or torch.device("cpu")
     model.to(device)
@@ -172,10 +172,9 @@ def fit_plain(
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009)
         indices = shard_indices(len(y), rank=0, world_size=1, epoch=epoch, seed=config.run.seed)
 
-        def eps_for_step(step: int, epoch: int = epoch) -> float:
-            return eps_at(
-                epoch - 1 + step / steps, eps=attack.eps, ramp=schedule.eps_ramp, ramp_epochs=schedule.eps_ramp_epochs
-            )
+        eps_for_step = eps_by_step(
+            epoch, steps_per_epoch=steps, eps=attack.eps, ramp=schedule.eps_ramp, ramp_epochs=schedule.eps_ramp_epochs
+        )
 
         stats.append(
             train_epoch(

@@ -102,24 +102,6 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
 class WideResNet(nn.Module):
     """WRN-depth-k (Zagoruyko & Komodakis 2016), e.g. WRN-34-10 of Madry/TRADES, WRN-28-10."""
 
@@ -133,7 +115,8 @@ class WideResNet(nn.Module):
         blocks, in_planes = [], widths[0]
         for planes, stride in zip(widths[1:], (1, 2, 2), strict=True):
             for i in range(n):
-                blocks.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                # WRN blocks are pre-activation basic blocks (Zagoruyko & Komodakis 2016, fig. 1).
+                blocks.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_planes)

@@ -6,6 +6,7 @@ These are the knobs a search tunes; being pure, each has exact expected values i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def eps_at(progress: float, *, eps: float, ramp: str, ramp_epochs: float) -> float:
@@ -19,6 +20,17 @@ def eps_at(progress: float, *, eps: float, ramp: str, ramp_epochs: float) -> flo
     if ramp == "linear":
         return eps * min(1.0, max(0.0, progress) / ramp_epochs)
     raise ValueError(f"unknown schedule.eps_ramp '{ramp}'; allowed: none, linear")
+
+
+def eps_by_step(
+    epoch: int, *, steps_per_epoch: int, eps: float, ramp: str, ramp_epochs: float
+) -> Callable[[int], float]:
+    """For epoch `epoch` (1-based): step index within the epoch -> training eps."""
+
+    def eps_for_step(step: int) -> float:
+        return eps_at(epoch - 1 + step / max(steps_per_epoch, 1), eps=eps, ramp=ramp, ramp_epochs=ramp_epochs)
+
+    return eps_for_step
 
 
 def step_size(eps: float, *, num_steps: int, factor: float) -> float:

@@ -34,7 +34,7 @@ from pipeline import loop, tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.methods import get_method
 from pipeline.models import architecture, build_model
-from pipeline.schedules import eps_at
+from pipeline.schedules import eps_by_step
 
 log = logging.getLogger(__name__)
 
@@ -324,11 +324,13 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         else:
             batches = _ray_data_batches(config.data.batch_size, shape, num_classes)
 
-        def eps_for_step(step: int, epoch: int = epoch) -> float:
-            progress = epoch - 1 + step / max(steps_per_epoch, 1)
-            return eps_at(
-                progress, eps=attack.eps, ramp=config.schedule.eps_ramp, ramp_epochs=config.schedule.eps_ramp_epochs
-            )
+        eps_for_step = eps_by_step(
+            epoch,
+            steps_per_epoch=steps_per_epoch,
+            eps=attack.eps,
+            ramp=config.schedule.eps_ramp,
+            ramp_epochs=config.schedule.eps_ramp_epochs,
+        )
 
         train = loop.train_epoch(
             model,

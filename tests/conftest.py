@@ -139,3 +139,20 @@ def adversarially_trained(digits_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("at-model")
     save_weights(model, arch, folder)
     return model, folder
+
+
+@pytest.fixture
+def committed_epoch():
+    """A function: run folder -> the epoch of the checkpoint Ray Train has committed (what a
+    resubmission resumes from)."""
+    return _committed_epoch
+
+
+def _committed_epoch(run_dir: Path) -> int:
+    import json
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return 0
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("epoch", 0))

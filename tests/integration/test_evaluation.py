@@ -47,7 +47,7 @@ def test_gradient_masked_model_is_flagged_and_black_box_finds_it(digits_path, un
 
 def test_adversarially_trained_model_passes_every_check(digits_path, adversarially_trained):
     model, _ = adversarially_trained
-    x, y = load_split(digits_path, "test", max_examples=200)
+    x, y = load_split(digits_path, "test", max_examples=120)
     result, sanity = _evaluate_with_sanity(model, x, y)
     failed = {k: v for k, v in sanity["checks"].items() if not v["passed"]}
     assert sanity["passed"], failed
@@ -105,7 +105,7 @@ def test_evaluation_of_a_registered_model_logs_evidence(
     report = run_evaluation(
         f"models:/eval-it/{registered['version']}",
         tracking_uri=mlflow_server,
-        num_examples=120,
+        num_examples=64,
         protocol="standard",
         out_dir=tmp_path / "report",
         progress=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -33,15 +32,9 @@ def _config(digits_path, tmp_path, mlflow_uri, *overrides):
     )
 
 
-def _committed_epoch(run_dir: Path) -> int:
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
-def test_killed_worker_is_restarted_and_resumes_from_checkpoint(ray_address, digits_path, mlflow_server, tmp_path):
+def test_killed_worker_is_restarted_and_resumes_from_checkpoint(
+    ray_address, digits_path, mlflow_server, tmp_path, committed_epoch
+):
     from ray.util.state import list_actors
 
     config = _config(
@@ -57,7 +50,7 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(ray_address, dig
     thread = threading.Thread(target=lambda: outcome.update(summary=run_training(config, config_name="ft")))
     thread.start()
     deadline = time.time() + 300
-    while _committed_epoch(tmp_path / "runs" / "worker-dies") < 2:
+    while committed_epoch(tmp_path / "runs" / "worker-dies") < 2:
         assert time.time() < deadline and thread.is_alive(), outcome
         time.sleep(0.1)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])

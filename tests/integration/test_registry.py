@@ -19,7 +19,9 @@ from pipeline.registry import PromotionPolicy
 from pipeline.tracking import TrackingError
 
 pytestmark = pytest.mark.integration
-POLICY = PromotionPolicy(min_examples=60)
+# The gate logic is what is tested here: `fast` evidence with sanity checks keeps the suite quick (the
+# default policy asks for `standard`, which tests/integration/test_evaluation.py exercises).
+POLICY = PromotionPolicy(protocol="fast", min_examples=60)
 
 
 def _register(uri, name, model, arch, digits_path) -> str:
@@ -49,7 +51,8 @@ def _evaluate(uri, name, version, tmp_path):
         f"models:/{name}/{version}",
         tracking_uri=uri,
         num_examples=60,
-        protocol="standard",
+        protocol="fast",
+        run_sanity=True,
         out_dir=tmp_path / f"{name}-{version}",
         progress=False,
     )
@@ -113,7 +116,7 @@ def test_promotion_gates_aliases_and_rollback(versions, mlflow_server):
 
     worse = refused(v["undefended"], "beats_champion")
     assert "vs champion" in next(g.detail for g in worse.gates if g.name == "beats_champion")
-    refused(v["dead"], "sanity_checks", PromotionPolicy(min_examples=60, clean_floor=0.0))
+    refused(v["dead"], "sanity_checks", PromotionPolicy(protocol="fast", min_examples=60, clean_floor=0.0))
     missing = refused(v["no_evidence"], "evidence")
     assert "advtrain evaluate" in missing.gates[0].detail
 
@@ -179,7 +182,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(
         _evaluate(mlflow_server, "race", version, tmp_path)
     assert registry.promote("race", base, policy=POLICY, tracking_uri=mlflow_server).promoted
     policy_file = tmp_path / "policy.toml"
-    policy_file.write_text("min_examples = 60\n")
+    policy_file.write_text('protocol = "fast"\nmin_examples = 60\n')
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     advtrain = str(Path(sys.executable).with_name("advtrain"))
     racers = [

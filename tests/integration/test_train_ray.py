@@ -126,16 +126,9 @@ def test_tampered_weights_are_refused(trained, tmp_path):
         load_model(str(tmp_path))
 
 
-def _committed_epoch(run_dir: Path) -> int:
-    """The epoch of the checkpoint Ray Train has committed (what a resubmission resumes from)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
-def test_interrupted_run_resumes_with_one_value_per_epoch(ray_address, digits_path, mlflow_server, tmp_path):
+def test_interrupted_run_resumes_with_one_value_per_epoch(
+    ray_address, digits_path, mlflow_server, tmp_path, committed_epoch
+):
     config = _config(digits_path, tmp_path, mlflow_server, "run.epochs=5", 'run.name="resume-me"', "data.batch_size=32")
     config_file = tmp_path / "resume.toml"
     config_file.write_text(to_toml(config))
@@ -161,13 +154,13 @@ def test_interrupted_run_resumes_with_one_value_per_epoch(ray_address, digits_pa
                 [experiment.experiment_id], filter_string="tags.`advtrain.run_name` = 'resume-me'"
             )
             run_id = runs[0].info.run_id if runs else None
-        if run_id and _committed_epoch(tmp_path / "runs" / "resume-me") >= 2:
+        if run_id and committed_epoch(tmp_path / "runs" / "resume-me") >= 2:
             break
         assert first.poll() is None, first.stdout.read()
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-run, like a lost head-node process
     first.wait()
-    interrupted_at = _committed_epoch(tmp_path / "runs" / "resume-me")
+    interrupted_at = committed_epoch(tmp_path / "runs" / "resume-me")
     assert 2 <= interrupted_at < 5
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)

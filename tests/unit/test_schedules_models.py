@@ -5,7 +5,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.models import architecture, build_model
-from pipeline.schedules import eps_at, lr_factor, step_size
+from pipeline.schedules import eps_at, eps_by_step, lr_factor, step_size
 
 
 def test_linear_eps_ramp_exact_values():
@@ -16,6 +16,12 @@ def test_linear_eps_ramp_exact_values():
     assert eps_at(9.0, eps=0.2, ramp="linear", ramp_epochs=4) == 0.2
     assert eps_at(0.0, eps=0.2, ramp="none", ramp_epochs=4) == 0.2
     assert eps_at(0.0, eps=0.2, ramp="linear", ramp_epochs=0) == 0.2
+
+
+def test_eps_by_step_counts_epochs_from_one():
+    second_epoch = eps_by_step(2, steps_per_epoch=10, eps=0.2, ramp="linear", ramp_epochs=4)
+    assert second_epoch(0) == pytest.approx(0.05)  # 1.0 epochs done
+    assert second_epoch(5) == pytest.approx(0.075)  # 1.5 epochs done
 
 
 def test_step_size_and_lr_schedules():
