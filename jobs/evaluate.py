@@ -1,0 +1,8 @@
+"""`ray job submit ... -- python jobs/evaluate.py [options]`: the same options as `advtrain evaluate`."""
+
+import sys
+
+from pipeline.cli import app
+
+if __name__ == "__main__":
+    sys.exit(app(["evaluate", *sys.argv[1:]], prog_name="jobs/evaluate.py"))

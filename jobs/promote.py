@@ -1,0 +1,8 @@
+"""`ray job submit ... -- python jobs/promote.py [options]`: the same options as `advtrain promote`."""
+
+import sys
+
+from pipeline.cli import app
+
+if __name__ == "__main__":
+    sys.exit(app(["promote", *sys.argv[1:]], prog_name="jobs/promote.py"))
