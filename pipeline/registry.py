@@ -109,17 +109,19 @@ def _version_row(version) -> dict[str, Any]:
 def list_versions(name: str | None = None, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every version (of `name`, or of every registered model) with aliases and evaluation numbers."""
     client = client_for(resolve_tracking_uri(tracking_uri or ""))
-    if name:
-        _registered(client, name)
-        versions = client.search_model_versions(f"name = '{name}'")
-    else:
-        versions = [
-            v
-            for model in client.search_registered_models()
-            if not model.name.endswith(LOCK_SUFFIX)
-            for v in client.search_model_versions(f"name = '{model.name}'")
-        ]
-    rows = [{"name": v.name, **_version_row(v)} for v in versions]
+    models = [_registered(client, name)] if name else client.search_registered_models()
+    rows = []
+    for model in models:
+        if model.name.endswith(LOCK_SUFFIX):
+            continue
+        # Version search results carry no aliases: take them from the registered model.
+        aliases: dict[str, list[str]] = {}
+        for alias, version in model.aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in client.search_model_versions(f"name = '{model.name}'"):
+            row = {"name": v.name, **_version_row(v)}
+            row["aliases"] = sorted(aliases.get(row["version"], []))
+            rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 

@@ -40,12 +40,9 @@ def mlflow_server(mlflow_server_root) -> str:
     return mlflow_server_root[0]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server_root(tmp_path_factory):
-    """Starts the server; yields (uri, folder holding its database and artifact store)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def _start_mlflow_server(root: Path, *, extra_args: tuple[str, ...] = (), extra_env: dict | None = None):
     port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
     log = open(root / "server.log", "w")  # noqa: SIM115 - stays open while the server runs
     proc = subprocess.Popen(
         [
@@ -61,6 +58,7 @@ def mlflow_server_root(tmp_path_factory):
             str(port),
             "--workers",
             "1",
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -80,10 +78,46 @@ def mlflow_server_root(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri, root
+    return uri, proc, log
+
+
+def _stop(proc, log) -> None:
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_root(tmp_path_factory):
+    """Starts the server; yields (uri, folder holding its database and artifact store)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri, proc, log = _start_mlflow_server(root)
+    yield uri, root
+    _stop(proc, log)
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory):
+    """An `mlflow server --app-name basic-auth` on loopback; yields (uri, admin user, admin password)."""
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    password = "test-" + os.urandom(6).hex()
+    ini = root / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    uri, proc, log = _start_mlflow_server(
+        root,
+        extra_args=("--app-name", "basic-auth"),
+        extra_env={
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+        },
+    )
+    yield uri, "admin", password
+    _stop(proc, log)
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,8 @@ def test_promotion_gates_aliases_and_rollback(versions, mlflow_server):
     assert better.promoted, better.gates
     aliases = client.get_registered_model("promo").aliases
     assert aliases["champion"] == v["at"] and aliases["previous-champion"] == v["undefended"]
+    listed = {r["version"]: r["aliases"] for r in registry.list_versions("promo", tracking_uri=mlflow_server)}
+    assert listed[v["at"]] == ["champion"] and listed[v["undefended"]] == ["previous-champion"]
     tags = client.get_model_version("promo", v["at"]).tags
     assert tags["promotion.previous"] == v["undefended"] and json.loads(tags["promotion.gates"])
 
@@ -208,3 +210,33 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(
     assert model.aliases["champion"] == promotions[-1]["version"]
     assert model.aliases["previous-champion"] == promotions[-2]["version"]
     assert not [m for m in client.search_registered_models() if m.name.endswith(registry.LOCK_SUFFIX)]
+
+
+def test_registry_through_a_basic_auth_server(mlflow_auth_server, undefended, digits_path, monkeypatch):
+    """Credentials come from MLflow's environment variables; without them, a clear refusal; never logged."""
+    uri, user, password = mlflow_auth_server
+    from pipeline.config import ModelConfig
+    from pipeline.data import read_metadata
+    from pipeline.models import architecture
+
+    info = read_metadata(digits_path)
+    arch = architecture(ModelConfig(), shape=info.shape, num_classes=10, mean=info.mean, std=info.std)
+    with pytest.raises(Exception, match=r"401|Unauthorized|credentials"):
+        registry.list_versions(tracking_uri=uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    run_id, _ = tracking.start_or_resume_run(
+        uri, experiment="auth-it", run_name="auth-it", params={"attack.eps": 0.2}, config_toml="", tags={}
+    )
+    registered = tracking.log_and_register_model(
+        uri, run_id, model=undefended, arch=arch, registered_model="auth-model", version_tags={}, alias="challenger"
+    )
+    rows = registry.list_versions("auth-model", tracking_uri=uri)
+    assert [r["version"] for r in rows] == [str(registered["version"])] and rows[0]["aliases"] == ["challenger"]
+    result = registry.promote("auth-model", "challenger", dry_run=True, tracking_uri=uri)
+    assert not result.promoted and "advtrain evaluate" in result.gates[0].detail
+    loaded = tracking.load_model("models:/auth-model@challenger", tracking_uri=uri)
+    assert loaded.training is False
+    run = MlflowClient(uri).get_run(run_id)
+    recorded = json.dumps({"params": run.data.params, "tags": run.data.tags})
+    assert password not in recorded
