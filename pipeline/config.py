@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ATTACK_NAMES = ("fgsm", "pgd")
-METHOD_NAMES = ("standard", "pgd_at", "fgsm_rs")
+METHOD_NAMES = ("standard", "pgd_at", "fgsm_rs", "trades", "mart")
 MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
 
 
@@ -74,12 +74,13 @@ class AttackConfig(_Component):
 
 
 class MethodConfig(_Component):
-    name: Literal["standard", "pgd_at", "fgsm_rs"] = "pgd_at"
+    name: Literal["standard", "pgd_at", "fgsm_rs", "trades", "mart"] = "pgd_at"
     attack_mode: Literal["eval", "train"] = Field(
         default="eval",
         description="BatchNorm mode while generating training attacks (logged; eval keeps "
         "running statistics clean of attack iterates).",
     )
+    beta: float = Field(default=6.0, ge=0.0, description="trades / mart: weight of the robustness regulariser.")
 
 
 class ScheduleConfig(_Component):

@@ -166,7 +166,7 @@ def fit_plain(
     optimizer = make_optimizer(model, config.optim)
     steps = -(-len(y) // config.data.batch_size)
     scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps)
-    method, attack, schedule = get_method(config.method.name), config.attack, config.schedule
+    method, attack, schedule = get_method(config.method.name, beta=config.method.beta), config.attack, config.schedule
     stats = []
     for epoch in range(1, config.run.epochs + 1):
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009)

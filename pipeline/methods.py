@@ -9,12 +9,13 @@ train mode for the loss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attacks import get_attack
+from pipeline.attacks import get_attack, pgd
 from pipeline.config import AttackConfig
 from pipeline.schedules import step_size
 
@@ -73,12 +74,82 @@ def fgsm_rs(model, attack_model, x, y, *, attack, eps, attack_mode, generator=No
     return pgd_at(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
 
 
-Method = Callable[..., MethodResult]
-METHODS: dict[str, Method] = {"standard": standard, "pgd_at": pgd_at, "fgsm_rs": fgsm_rs}
+def _clean_and_adversarial_logits(model, x, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
+    # One forward over both halves: under DDP two forwards feeding one backward would mark each
+    # parameter ready twice ("Expected to mark a variable ready only once"). BatchNorm then sees the
+    # mixed batch; small_cnn has none, and for BN models this is the common practical choice.
+    logits = model(torch.cat([x, x_adv]))
+    return logits[: len(x)], logits[len(x) :]
 
 
-def get_method(name: str) -> Method:
+def trades(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, beta=6.0) -> MethodResult:
+    """TRADES (Zhang et al. 2019, arXiv:1901.08573): CE(f(x), y) + beta * KL(f(x) || f(x_adv)).
+
+    x_adv maximises the KL divergence from the clean prediction (PGD on the KL, the attack config's
+    steps and step size). beta trades clean accuracy for robustness; beta = 0 is standard training.
+    """
+    if eps == 0 or beta == 0:
+        return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
+    attack_model.train(attack_mode == "train")
     try:
-        return METHODS[name]
+        with torch.no_grad():
+            clean_probs = F.softmax(attack_model(x).float(), dim=1)
+
+        def kl_to_clean(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(logits.float(), dim=1), clean_probs, reduction="none").sum(1)
+
+        x_adv = pgd(
+            attack_model,
+            x,
+            y,
+            eps=eps,
+            step_size=step_size(eps, num_steps=attack.num_steps, factor=attack.step_size_factor),
+            num_steps=attack.num_steps,
+            norm=attack.norm,
+            random_start=attack.random_start,
+            loss=kl_to_clean,
+            generator=generator,
+        )
+    finally:
+        attack_model.train(True)
+    logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
+    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + beta * robust, logits_adv
+
+
+def mart(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, beta=6.0) -> MethodResult:
+    """MART (Wang et al. 2020, ICLR, "Improving adversarial robustness requires revisiting misclassified
+    examples"): boosted CE on x_adv + beta * KL(f(x) || f(x_adv)) weighted by (1 - p_y(x)), so that
+    misclassified examples weigh more. x_adv from the configured attack (PGD-CE)."""
+    if eps == 0:
+        return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
+    x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
+    logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = adv_probs.argsort(dim=1)[:, -2:]
+    # The most likely wrong class on the adversarial input.
+    other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted_ce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), other)
+    clean_probs = F.softmax(logits, dim=1)
+    true_probs = clean_probs.gather(1, y[:, None]).squeeze(1)
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), clean_probs, reduction="none").sum(1)
+    return boosted_ce + beta * (kl * (1.0000001 - true_probs)).mean(), logits_adv
+
+
+Method = Callable[..., MethodResult]
+METHODS: dict[str, Method] = {
+    "standard": standard,
+    "pgd_at": pgd_at,
+    "fgsm_rs": fgsm_rs,
+    "trades": trades,
+    "mart": mart,
+}
+
+
+def get_method(name: str, *, beta: float = 6.0) -> Method:
+    """The method by name, with its own knobs bound (beta for trades / mart)."""
+    try:
+        method = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method '{name}'; allowed: {', '.join(METHODS)}") from None
+    return partial(method, beta=beta) if name in ("trades", "mart") else method

@@ -290,7 +290,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     scheduler = loop.make_scheduler(
         optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch
     )
-    method = get_method(config.method.name)
+    method = get_method(config.method.name, beta=config.method.beta)
 
     uri, run_id = ctx["tracking_uri"], ctx["run_id"]
     start_epoch, history = 1, []

@@ -85,13 +85,13 @@ def pgd(
     norm: Norm = "linf",
     random_start: bool = True,
     num_restarts: int = 1,
-    loss: str = "ce",
+    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018, arXiv:1706.06083).
 
-    `loss`: "ce" (cross-entropy) or "cw" (the Carlini & Wagner margin, max_{i!=y} z_i - z_y, which does
-    not saturate when the softmax does).
+    `loss`: "ce" (cross-entropy), "cw" (the Carlini & Wagner margin, max_{i!=y} z_i - z_y, which does
+    not saturate when the softmax does), or a per-example function (logits, y) -> (N,) to maximise.
 
     Linf: signed-gradient steps projected onto the box; L2: normalised-gradient steps projected onto
     the ball. With several restarts each example keeps its strongest iterate: one that is misclassified
@@ -101,7 +101,12 @@ def pgd(
         raise ValueError("pgd needs eps >= 0, step_size >= 0, num_steps >= 1, num_restarts >= 1")
     if eps == 0:
         return x.detach().clone()
-    loss_fn = PER_EXAMPLE_LOSSES[loss]
+    if callable(loss):
+        loss_fn = loss
+    elif loss in PER_EXAMPLE_LOSSES:
+        loss_fn = PER_EXAMPLE_LOSSES[loss]
+    else:
+        raise ValueError(f"unknown PGD loss '{loss}'; allowed: {', '.join(PER_EXAMPLE_LOSSES)} or a function")
     best = None
     best_fooled = best_loss = None
     for _ in range(num_restarts):
