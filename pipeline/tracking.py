@@ -272,8 +272,8 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> Resolve
         # registry (MLFLOW_REGISTRY_URI / ./mlflow.db), not the tracking URI given here.
         source = client.get_model_version_download_uri(name, version.version)
     elif model_uri.startswith("runs:/"):
-        source = model_uri
-        run_id = model_uri[len("runs:/") :].split("/")[0]
+        run_id, _, name_in_run = model_uri[len("runs:/") :].partition("/")
+        source = _logged_model_location(client, run_id, name_in_run or "model", model_uri)
     else:
         raise TrackingError(
             f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
@@ -285,6 +285,21 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> Resolve
             raise TrackingError(f"{model_uri}: cannot download the model ({err.message})") from None
         model, digest, arch = _load_folder(local, expected_sha256=expected)
     return ResolvedModel(model, digest, arch, name, version_number, run_id, uri)
+
+
+def _logged_model_location(client: MlflowClient, run_id: str, name: str, model_uri: str) -> str:
+    """MLflow 3 stores a logged model apart from the run's artifacts: find it by run and name."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"{model_uri}: no MLflow run with id '{run_id}'") from None
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+    )
+    if not models:
+        return model_uri  # an older run that logged the model as plain run artifacts
+    return models[-1].artifact_location
 
 
 def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:

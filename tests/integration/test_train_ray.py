@@ -82,6 +82,12 @@ def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(
     # Each new version becomes the `challenger`; `champion` is left to promotion.
     assert client.get_model_version_by_alias("digits-it", "challenger").version == str(standard.model_version)
     logged = client.get_metric_history(adversarial.mlflow_run_id, "test/clean_acc")[-1].value
+    from pipeline.tracking import TrackingError, resolve_model
+
+    by_run = resolve_model(f"runs:/{adversarial.mlflow_run_id}/model", tracking_uri=mlflow_server)
+    assert by_run.weights_sha256 == adversarial.weights_sha256 and by_run.run_id == adversarial.mlflow_run_id
+    with pytest.raises(TrackingError, match="no MLflow run with id"):
+        resolve_model("runs:/0123456789abcdef/model", tracking_uri=mlflow_server)
     code = f"""
 import sys, json, torch, mlflow.pyfunc
 from pipeline.tracking import load_model
