@@ -69,6 +69,7 @@ class AttackConfig(_Component):
     eps: float = Field(default=0.1, ge=0.0, description="Radius in pixel space [0,1].")
     num_steps: int = Field(default=7, ge=1)
     step_size_factor: float = Field(default=2.5, gt=0.0, description="step_size = step_size_factor * eps / num_steps.")
+    step_size: float = Field(default=0.0, ge=0.0, description="Absolute step size; 0 = use step_size_factor.")
     random_start: bool = True
     num_restarts: int = Field(default=1, ge=1)
 
@@ -84,8 +85,24 @@ class MethodConfig(_Component):
 
 
 class ScheduleConfig(_Component):
-    eps_ramp: Literal["none", "linear"] = "linear"
-    eps_ramp_epochs: float = Field(default=0.0, ge=0.0, description="Epochs over which eps grows linearly from 0.")
+    eps_ramp: Literal["none", "linear", "cosine", "piecewise"] = "linear"
+    eps_ramp_epochs: float = Field(default=0.0, ge=0.0, description="Epochs over which eps grows from 0.")
+    eps_milestones: list[list[float]] = Field(
+        default_factory=list, description="piecewise ramp: [[epoch, fraction of eps], ...], sorted by epoch."
+    )
+    steps_start: int = Field(default=0, ge=0, description="Attack steps in epoch 1 (0 = attack.num_steps throughout).")
+    steps_ramp_epochs: float = Field(default=0.0, ge=0.0, description="Epochs to grow steps_start -> attack.num_steps.")
+
+    @model_validator(mode="after")
+    def _milestones(self) -> ScheduleConfig:
+        if any(len(m) != 2 for m in self.eps_milestones):
+            raise ValueError("schedule.eps_milestones entries must be [epoch, fraction] pairs")
+        epochs = [m[0] for m in self.eps_milestones]
+        if self.eps_ramp == "piecewise" and not self.eps_milestones:
+            raise ValueError("schedule.eps_ramp 'piecewise' needs schedule.eps_milestones = [[epoch, fraction], ...]")
+        if epochs != sorted(epochs) or any(not 0.0 <= m[1] <= 1.0 for m in self.eps_milestones):
+            raise ValueError("schedule.eps_milestones must be sorted by epoch with fractions in [0, 1]")
+        return self
 
 
 class OptimConfig(_Component):
@@ -93,7 +110,15 @@ class OptimConfig(_Component):
     lr: float = Field(default=0.05, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=5e-4, ge=0.0)
-    lr_schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    lr_schedule: Literal["constant", "cosine", "onecycle", "piecewise"] = "cosine"
+    lr_milestones: list[float] = Field(default_factory=list, description="piecewise: epochs where lr *= lr_decay.")
+    lr_decay: float = Field(default=0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _piecewise(self) -> OptimConfig:
+        if self.lr_schedule == "piecewise" and not self.lr_milestones:
+            raise ValueError("optim.lr_schedule 'piecewise' needs optim.lr_milestones, e.g. [50, 75]")
+        return self
 
 
 class ValidationConfig(_Component):
@@ -263,6 +288,8 @@ def to_toml(config: Config) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -32,7 +32,14 @@ def make_scheduler(
     """Per-step LR schedule; its state (the step count) is checkpointed, the function is rebuilt."""
     steps = max(steps_per_epoch, 1)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step / steps, total_epochs=total_epochs, kind=config.lr_schedule)
+        optimizer,
+        lambda step: lr_factor(
+            step / steps,
+            total_epochs=total_epochs,
+            kind=config.lr_schedule,
+            milestones=config.lr_milestones,
+            decay=config.lr_decay,
+        ),
     )
 
 
@@ -159,22 +166,19 @@ def fit_plain(
     plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats."""
     from pipeline.data import shard_indices
     from pipeline.methods import get_method
-    from pipeline.schedules import eps_by_step
 
     device = device or torch.device("cpu")
     model.to(device)
     optimizer = make_optimizer(model, config.optim)
     steps = -(-len(y) // config.data.batch_size)
     scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps)
-    method, attack, schedule = get_method(config.method.name, beta=config.method.beta), config.attack, config.schedule
+    method = get_method(config.method.name, beta=config.method.beta)
     stats = []
     for epoch in range(1, config.run.epochs + 1):
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009)
         indices = shard_indices(len(y), rank=0, world_size=1, epoch=epoch, seed=config.run.seed)
 
-        eps_for_step = eps_by_step(
-            epoch, steps_per_epoch=steps, eps=attack.eps, ramp=schedule.eps_ramp, ramp_epochs=schedule.eps_ramp_epochs
-        )
+        eps_for_step, epoch_attack = epoch_schedule(config, epoch, steps_per_epoch=steps)
 
         stats.append(
             train_epoch(
@@ -184,7 +188,7 @@ def fit_plain(
                 optimizer=optimizer,
                 scheduler=scheduler,
                 method=method,
-                attack=attack,
+                attack=epoch_attack,
                 eps_for_step=eps_for_step,
                 attack_mode=config.method.attack_mode,
                 device=device,
@@ -192,3 +196,22 @@ def fit_plain(
             )
         )
     return stats
+
+
+def epoch_schedule(config: Config, epoch: int, *, steps_per_epoch: int) -> tuple[Callable[[int], float], AttackConfig]:
+    """This epoch's eps-by-step function and attack config (attack steps may grow over training)."""
+    from pipeline.schedules import attack_steps_at, eps_by_step
+
+    schedule, attack = config.schedule, config.attack
+    eps_for_step = eps_by_step(
+        epoch,
+        steps_per_epoch=steps_per_epoch,
+        eps=attack.eps,
+        ramp=schedule.eps_ramp,
+        ramp_epochs=schedule.eps_ramp_epochs,
+        milestones=schedule.eps_milestones,
+    )
+    num_steps = attack_steps_at(
+        epoch, start=schedule.steps_start, final=attack.num_steps, ramp_epochs=schedule.steps_ramp_epochs
+    )
+    return eps_for_step, attack.model_copy(update={"num_steps": num_steps})

@@ -39,7 +39,9 @@ def _generate(
             x,
             y,
             eps=eps,
-            step_size=step_size(eps, num_steps=attack.num_steps, factor=attack.step_size_factor),
+            step_size=step_size(
+                eps, num_steps=attack.num_steps, factor=attack.step_size_factor, absolute=attack.step_size
+            ),
             num_steps=attack.num_steps,
             norm=attack.norm,
             random_start=attack.random_start,
@@ -103,7 +105,9 @@ def trades(model, attack_model, x, y, *, attack, eps, attack_mode, generator=Non
             x,
             y,
             eps=eps,
-            step_size=step_size(eps, num_steps=attack.num_steps, factor=attack.step_size_factor),
+            step_size=step_size(
+                eps, num_steps=attack.num_steps, factor=attack.step_size_factor, absolute=attack.step_size
+            ),
             num_steps=attack.num_steps,
             norm=attack.norm,
             random_start=attack.random_start,

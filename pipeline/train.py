@@ -34,7 +34,6 @@ from pipeline import loop, tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.methods import get_method
 from pipeline.models import architecture, build_model
-from pipeline.schedules import eps_by_step
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +323,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         else:
             batches = _ray_data_batches(config.data.batch_size, shape, num_classes)
 
-        eps_for_step = eps_by_step(
-            epoch,
-            steps_per_epoch=steps_per_epoch,
-            eps=attack.eps,
-            ramp=config.schedule.eps_ramp,
-            ramp_epochs=config.schedule.eps_ramp_epochs,
-        )
+        eps_for_step, epoch_attack = loop.epoch_schedule(config, epoch, steps_per_epoch=steps_per_epoch)
 
         train = loop.train_epoch(
             model,
@@ -339,7 +332,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             optimizer=optimizer,
             scheduler=scheduler,
             method=method,
-            attack=attack,
+            attack=epoch_attack,
             eps_for_step=eps_for_step,
             attack_mode=config.method.attack_mode,
             device=device,

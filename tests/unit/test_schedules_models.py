@@ -72,3 +72,57 @@ def test_bad_architectures_are_refused():
         )
     with pytest.raises(ValueError, match="divisible by 4"):
         build_model(architecture(ModelConfig(), shape=(1, 10, 10), num_classes=10, mean=(0.5,), std=(0.2,)))
+
+
+def test_cosine_and_piecewise_eps_ramps():
+    from pipeline.schedules import eps_at
+
+    assert eps_at(0.0, eps=0.2, ramp="cosine", ramp_epochs=4) == 0.0
+    assert eps_at(2.0, eps=0.2, ramp="cosine", ramp_epochs=4) == pytest.approx(0.1)
+    assert eps_at(1.0, eps=0.2, ramp="cosine", ramp_epochs=4) == pytest.approx(0.2 * 0.5 * (1 - math.cos(math.pi / 4)))
+    assert eps_at(4.0, eps=0.2, ramp="cosine", ramp_epochs=4) == pytest.approx(0.2)
+    milestones = [[0, 0.0], [2, 0.5], [6, 1.0]]
+    assert eps_at(1.0, eps=0.2, ramp="piecewise", ramp_epochs=0, milestones=milestones) == pytest.approx(0.05)
+    assert eps_at(4.0, eps=0.2, ramp="piecewise", ramp_epochs=0, milestones=milestones) == pytest.approx(0.15)
+    assert eps_at(9.0, eps=0.2, ramp="piecewise", ramp_epochs=0, milestones=milestones) == pytest.approx(0.2)
+
+
+def test_attack_steps_grow_and_step_size_can_be_absolute():
+    from pipeline.schedules import attack_steps_at
+
+    assert [attack_steps_at(e, start=1, final=10, ramp_epochs=3) for e in (1, 2, 3, 4, 9)] == [1, 4, 7, 10, 10]
+    assert attack_steps_at(1, start=0, final=10, ramp_epochs=3) == 10
+    assert step_size(0.2, num_steps=10, factor=2.5, absolute=0.01) == 0.01
+
+
+def test_piecewise_lr_decays_at_milestones():
+    assert lr_factor(4.9, total_epochs=10, kind="piecewise", milestones=[5, 8]) == 1.0
+    assert lr_factor(5.0, total_epochs=10, kind="piecewise", milestones=[5, 8]) == pytest.approx(0.1)
+    assert lr_factor(9.0, total_epochs=10, kind="piecewise", milestones=[5, 8], decay=0.5) == pytest.approx(0.25)
+
+
+def test_schedule_config_is_validated():
+    from pipeline.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"needs schedule\.eps_milestones"):
+        config_from_dict({"schedule": {"eps_ramp": "piecewise"}})
+    with pytest.raises(ConfigError, match="sorted by epoch"):
+        config_from_dict({"schedule": {"eps_ramp": "piecewise", "eps_milestones": [[5, 1.0], [0, 0.0]]}})
+    with pytest.raises(ConfigError, match=r"needs optim\.lr_milestones"):
+        config_from_dict({"optim": {"lr_schedule": "piecewise"}})
+
+
+def test_epoch_schedule_applies_steps_ramp():
+    from pipeline.config import config_from_dict
+    from pipeline.loop import epoch_schedule
+
+    config = config_from_dict(
+        {
+            "attack": {"eps": 0.2, "num_steps": 10},
+            "schedule": {"steps_start": 2, "steps_ramp_epochs": 4, "eps_ramp_epochs": 2},
+        }
+    )
+    eps_for_step, attack = epoch_schedule(config, 1, steps_per_epoch=10)
+    assert attack.num_steps == 2 and eps_for_step(5) == pytest.approx(0.05)
+    _, attack = epoch_schedule(config, 5, steps_per_epoch=10)
+    assert attack.num_steps == 10
