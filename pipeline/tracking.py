@@ -209,8 +209,36 @@ def log_and_register_model(
     Returns {"weights_sha256", "model_uri", "version"} (version None when registered_model is empty).
     Rank 0 / driver only.
     """
+    # The fluent log_model/register_model calls use the process-global URIs: set them for this call
+    # only, so a later MlflowClient in this process does not silently talk to this server.
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    try:
+        return _log_and_register(
+            uri,
+            run_id,
+            model=model,
+            arch=arch,
+            registered_model=registered_model,
+            version_tags=version_tags,
+            alias=alias,
+        )
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def _log_and_register(
+    uri: str,
+    run_id: str,
+    *,
+    model: nn.Module,
+    arch: dict[str, Any],
+    registered_model: str,
+    version_tags: dict[str, Any],
+    alias: str,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         digest = save_weights(model, arch, folder)

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline import tracking
 from pipeline.data import load_split
 from pipeline.evaluate import evaluate_examples, sanity_checks
+from pipeline.tracking import client_for
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def test_evaluation_of_a_registered_model_logs_evidence(
         out_dir=tmp_path / "report",
         progress=False,
     )
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     tags = client.get_model_version("eval-it", str(registered["version"])).tags
     assert float(tags["eval.robust_acc"]) == report["robust_accuracy"]
     assert tags["eval.protocol"] == "standard" and tags["eval.norm"] == "linf" and tags["eval.eps"] == "0.2"
@@ -128,7 +128,7 @@ def test_missing_model_and_alias_say_what_to_change(mlflow_server):
     from pipeline.tracking import TrackingError, resolve_model
 
     with pytest.raises(TrackingError, match="no alias 'champion'"):
-        client = MlflowClient(mlflow_server)
+        client = client_for(mlflow_server)
         client.create_registered_model("no-alias-model")
         resolve_model("models:/no-alias-model@champion", tracking_uri=mlflow_server)
     with pytest.raises(TrackingError, match="no version 7"):

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
+from pipeline.tracking import client_for
 from pipeline.train import run_training
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(
     os.kill(int(workers[-1].pid), signal.SIGKILL)
     thread.join(timeout=600)
     summary = outcome["summary"]
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     for key in ("train/loss", "val/robust_acc"):
         assert sorted(m.step for m in client.get_metric_history(summary.mlflow_run_id, key)) == [1, 2, 3, 4, 5]
     assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
@@ -71,7 +71,7 @@ def test_ray_data_streaming_path_trains(ray_address, digits_path, mlflow_server,
         digits_path, tmp_path, mlflow_server, "run.epochs=6", 'data.loader="ray_data"', "scaling.cpus_per_worker=0.5"
     )
     summary = run_training(config, config_name="stream")
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     run = client.get_run(summary.mlflow_run_id)
     assert run.data.params["data.loader_used"] == "ray_data"
     images = [m.value for m in client.get_metric_history(summary.mlflow_run_id, "train/images_per_s")]

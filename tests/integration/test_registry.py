@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from pipeline import registry, tracking
 from pipeline.evaluation_run import run_evaluation
 from pipeline.registry import PromotionPolicy
-from pipeline.tracking import TrackingError
+from pipeline.tracking import TrackingError, client_for
 
 pytestmark = pytest.mark.integration
 # The gate logic is what is tested here: `fast` evidence with sanity checks keeps the suite quick (the
@@ -28,7 +27,7 @@ def _register(uri, name, model, arch, digits_path) -> str:
     run_id, _ = tracking.start_or_resume_run(
         uri,
         experiment="registry-it",
-        run_name=f"{name}-{len(MlflowClient(uri).search_model_versions(f'name = {name!r}'))}",
+        run_name=f"{name}-{len(client_for(uri).search_model_versions(f'name = {name!r}'))}",
         params={"data.path": str(digits_path), "attack.norm": "linf", "attack.eps": 0.2},
         config_toml="",
         tags={},
@@ -69,7 +68,7 @@ def _dead_model(arch):
 
 
 def _snapshot(uri, name):
-    client = MlflowClient(uri)
+    client = client_for(uri)
     model = client.get_registered_model(name)
     versions = client.search_model_versions(f"name = '{name}'")
     return dict(model.aliases), dict(model.tags), {v.version: dict(v.tags) for v in versions}
@@ -93,7 +92,7 @@ def versions(ray_address, mlflow_server, digits_path, undefended, adversarially_
 
 def test_promotion_gates_aliases_and_rollback(versions, mlflow_server):
     v, reports = versions
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     assert reports["at"]["robust_accuracy"] > reports["undefended"]["robust_accuracy"] + 0.2
 
     first = registry.promote("promo", v["undefended"], policy=POLICY, tracking_uri=mlflow_server)
@@ -133,7 +132,7 @@ def test_promotion_gates_aliases_and_rollback(versions, mlflow_server):
 def test_changed_weights_after_evaluation_are_refused(versions, mlflow_server_root):
     v, _ = versions
     uri, root = mlflow_server_root
-    client = MlflowClient(uri)
+    client = client_for(uri)
     source = client.get_model_version("promo", v["tampered"]).source  # models:/m-<id>
     model_id = source.rsplit("/", 1)[-1]
     weights = [p for p in (root / "artifacts").rglob("model.safetensors") if model_id in str(p)]
@@ -153,7 +152,7 @@ def test_changed_weights_after_evaluation_are_refused(versions, mlflow_server_ro
 def test_champion_loads_in_fresh_process_with_the_evaluated_accuracy(versions, mlflow_server, digits_path):
     v, _reports = versions
     registry.promote("promo", v["at"], policy=POLICY, tracking_uri=mlflow_server)  # champion already or now
-    champion = MlflowClient(mlflow_server).get_registered_model("promo").aliases["champion"]
+    champion = client_for(mlflow_server).get_registered_model("promo").aliases["champion"]
     code = f"""
 import json, torch
 torch.set_num_threads(1)
@@ -169,7 +168,7 @@ print(json.dumps({{"clean": int((pred == y).sum()) / len(y), "training": model.t
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    tags = MlflowClient(mlflow_server).get_model_version("promo", champion).tags
+    tags = client_for(mlflow_server).get_model_version("promo", champion).tags
     assert loaded["clean"] == float(tags["eval.clean_acc"]) and loaded["training"] is False
 
 
@@ -199,7 +198,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(
     ]
     outputs = [r.communicate(timeout=300)[0] for r in racers]
     assert all(r.returncode == 0 for r in racers), outputs  # equal robust accuracy passes margin 0
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     model = client.get_registered_model("race")
     history = json.loads(model.tags[registry.HISTORY_TAG])
     promotions = [h for h in history if h["event"] == "promote"]
@@ -237,6 +236,6 @@ def test_registry_through_a_basic_auth_server(mlflow_auth_server, undefended, di
     assert not result.promoted and "advtrain evaluate" in result.gates[0].detail
     loaded = tracking.load_model("models:/auth-model@challenger", tracking_uri=uri)
     assert loaded.training is False
-    run = MlflowClient(uri).get_run(run_id)
+    run = client_for(uri).get_run(run_id)
     recorded = json.dumps({"params": run.data.params, "tags": run.data.tags})
     assert password not in recorded

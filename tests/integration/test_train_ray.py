@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config, to_toml
+from pipeline.tracking import client_for
 from pipeline.train import run_training
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def trained(ray_address, digits_path, mlflow_server, tmp_path_factory):
 
 def test_one_metric_value_per_epoch(trained, mlflow_server):
     adversarial, _ = trained
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     for key in PER_EPOCH_KEYS:
         steps = [m.step for m in client.get_metric_history(adversarial.mlflow_run_id, key)]
         assert sorted(steps) == list(range(1, 21)), key
@@ -74,7 +74,7 @@ def test_adversarial_training_beats_standard_by_30_points(trained):
 
 def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(trained, mlflow_server, digits_path):
     adversarial, standard = trained
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
     version = client.get_model_version("digits-it", str(adversarial.model_version))
     assert version.tags["weights_sha256"] == adversarial.weights_sha256
     assert version.tags["threat_model.norm"] == "linf" and version.tags["threat_model.eps"] == "0.2"
@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_with_one_value_per_epoch(
         "--ray-address",
         ray_address,
     ]
-    client = MlflowClient(mlflow_server)
+    client = client_for(mlflow_server)
 
     first = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
