@@ -7,12 +7,14 @@ wrapped in an MLflow "models from code" pyfunc so `mlflow.pyfunc.load_model` wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,12 +211,7 @@ def log_and_register_model(
     Returns {"weights_sha256", "model_uri", "version"} (version None when registered_model is empty).
     Rank 0 / driver only.
     """
-    # The fluent log_model/register_model calls use the process-global URIs: set them for this call
-    # only, so a later MlflowClient in this process does not silently talk to this server.
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with _global_uris(uri):
         return _log_and_register(
             uri,
             run_id,
@@ -224,9 +221,30 @@ def log_and_register_model(
             version_tags=version_tags,
             alias=alias,
         )
+
+
+@contextlib.contextmanager
+def _global_uris(uri: str) -> Iterator[None]:
+    """The fluent log_model/register_model use the process-global tracking and registry URIs, and
+    setting them also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to child processes. Set them
+    for one call and put back exactly what was there (unset stays unset), so later clients and
+    subprocesses of this process are not silently pointed at this server."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _log_and_register(
