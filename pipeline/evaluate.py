@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +71,6 @@ def evaluate_chunk(
     device: torch.device | None = None,
 ) -> ChunkResult:
     """Run the protocol's attacks on one chunk (model in eval mode; the caller sets it)."""
-    import time
-
     device = device or torch.device("cpu")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attacks import get_attack, pgd
+from pipeline.attacks import get_attack
 from pipeline.config import AttackConfig
 from pipeline.schedules import step_size
 
@@ -31,10 +31,14 @@ def _generate(
     eps: float,
     attack_mode: str,
     generator: torch.Generator | None,
+    name: str | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """The configured attack (or `name`, with a custom per-example `loss`) in the stated BN mode."""
+    extra = {} if loss is None else {"loss": loss}
     attack_model.train(attack_mode == "train")
     try:
-        return get_attack(attack.name)(
+        return get_attack(name or attack.name)(
             attack_model,
             x,
             y,
@@ -47,6 +51,7 @@ def _generate(
             random_start=attack.random_start,
             num_restarts=attack.num_restarts,
             generator=generator,
+            **extra,
         )
     finally:
         attack_model.train(True)
@@ -96,26 +101,23 @@ def trades(model, attack_model, x, y, *, attack, eps, attack_mode, generator=Non
     try:
         with torch.no_grad():
             clean_probs = F.softmax(attack_model(x).float(), dim=1)
-
-        def kl_to_clean(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-            return F.kl_div(F.log_softmax(logits.float(), dim=1), clean_probs, reduction="none").sum(1)
-
-        x_adv = pgd(
-            attack_model,
-            x,
-            y,
-            eps=eps,
-            step_size=step_size(
-                eps, num_steps=attack.num_steps, factor=attack.step_size_factor, absolute=attack.step_size
-            ),
-            num_steps=attack.num_steps,
-            norm=attack.norm,
-            random_start=attack.random_start,
-            loss=kl_to_clean,
-            generator=generator,
-        )
     finally:
         attack_model.train(True)
+
+    def kl_to_clean(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(logits.float(), dim=1), clean_probs, reduction="none").sum(1)
+
+    x_adv = _generate(
+        attack_model,
+        x,
+        y,
+        attack=attack,
+        eps=eps,
+        attack_mode=attack_mode,
+        generator=generator,
+        name="pgd",
+        loss=kl_to_clean,
+    )
     logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
     robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + beta * robust, logits_adv
