@@ -137,7 +137,8 @@ def train(
                 "",
                 f"run {summary.run_name} finished in {summary.seconds:.0f}s{' (resumed)' if summary.resumed else ''}",
                 f"  val   clean acc {summary.val_clean_acc:.4f}   robust acc {summary.val_robust_acc:.4f}"
-                f"  ({cfg.attack.norm} eps={cfg.attack.eps}, PGD-{cfg.validation.num_steps})",
+                f"  ({cfg.attack.norm} eps={cfg.attack.eps}, PGD-{cfg.validation.num_steps};"
+                f" epoch {summary.registered_epoch} of {summary.epochs}, the one registered)",
                 f"  test  clean acc {summary.test_clean_acc:.4f}   robust acc {summary.test_robust_acc:.4f}",
                 f"  MLflow run     {summary.mlflow_run_id}",
                 f"  model          {version}  sha256 {summary.weights_sha256[:16]}...",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ATTACK_NAMES = ("fgsm", "pgd")
-METHOD_NAMES = ("standard", "pgd_at", "fgsm_rs", "trades", "mart")
+METHOD_NAMES = ("standard", "pgd_at", "fgsm_rs", "free_at", "trades", "mart")
 MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
 
 
@@ -41,6 +41,16 @@ class RunConfig(_Component):
     storage_path: str = Field(
         default="runs",
         description="Where Ray Train keeps checkpoints (local path or a shared filesystem URI).",
+    )
+    keep_best: bool = Field(
+        default=True,
+        description="Register the epoch with the best validation robust accuracy, not the last one "
+        "(robust overfitting, Rice et al. 2020); the chosen epoch is logged.",
+    )
+    mixed_precision: Literal["none", "bf16"] = Field(
+        default="none",
+        description="bf16 autocast for training forwards and attack generation (CPU and CUDA); "
+        "validation, test and `advtrain evaluate` always run in fp32.",
     )
 
 
@@ -75,13 +85,25 @@ class AttackConfig(_Component):
 
 
 class MethodConfig(_Component):
-    name: Literal["standard", "pgd_at", "fgsm_rs", "trades", "mart"] = "pgd_at"
+    name: Literal["standard", "pgd_at", "fgsm_rs", "free_at", "trades", "mart"] = "pgd_at"
     attack_mode: Literal["eval", "train"] = Field(
         default="eval",
         description="BatchNorm mode while generating training attacks (logged; eval keeps "
         "running statistics clean of attack iterates).",
     )
     beta: float = Field(default=6.0, ge=0.0, description="trades / mart: weight of the robustness regulariser.")
+    replays: int = Field(
+        default=4, ge=1, description="free_at: minibatch replays m (each an optimizer step); set run.epochs = N / m."
+    )
+    co_guard: bool = Field(
+        default=True,
+        description="Single-step methods (fgsm_rs, free_at): watch the per-epoch PGD probe for catastrophic "
+        "overfitting; on collapse restore the last good checkpoint and go on with PGD-`co_fallback_steps`.",
+    )
+    co_drop: float = Field(
+        default=0.2, gt=0.0, le=1.0, description="Probe robust accuracy this far below its best = collapse."
+    )
+    co_fallback_steps: int = Field(default=2, ge=2, description="PGD steps used for training after a collapse.")
 
 
 class ScheduleConfig(_Component):

@@ -65,27 +65,37 @@ def train_epoch(
     attack_mode: str,
     device: torch.device,
     generator: torch.Generator | None = None,
+    replays: int = 1,
+    mixed_precision: str = "none",
 ) -> dict[str, float]:
-    """One pass over `batches`; returns sums: loss_sum, correct, count, seconds, last eps and lr."""
+    """One pass over `batches`; returns sums: loss_sum, correct, count, seconds, last eps and lr.
+
+    `replays` > 1 (free_at) steps the optimizer that many times on each minibatch; the sums then count
+    every replay. `mixed_precision="bf16"` runs the method (attack generation and loss forward) under
+    bf16 autocast on the device's type; weights, optimizer state and gradients stay fp32.
+    """
     model.train()
     loss_sum = correct = count = 0.0
     eps = 0.0
     started = time.perf_counter()
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
     for step, (x, y) in enumerate(batches):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         eps = eps_for_step(step)
-        loss, logits = method(
-            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            loss_sum += float(loss) * len(y)
-            correct += float((logits.argmax(1) == y).sum())
-            count += len(y)
+        for _ in range(replays):
+            with autocast:
+                loss, logits = method(
+                    model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                loss_sum += float(loss) * len(y)
+                correct += float((logits.argmax(1) == y).sum())
+                count += len(y)
     return {
         "loss_sum": loss_sum,
         "correct": correct,
@@ -166,12 +176,14 @@ def fit_plain(
     plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats."""
     from pipeline.data import shard_indices
     from pipeline.methods import get_method
+    from pipeline.methods import replays as method_replays
 
     device = device or torch.device("cpu")
     model.to(device)
     optimizer = make_optimizer(model, config.optim)
     steps = -(-len(y) // config.data.batch_size)
-    scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps)
+    replays = method_replays(config.method.name, config.method.replays)
+    scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps * replays)
     method = get_method(config.method.name, beta=config.method.beta)
     stats = []
     for epoch in range(1, config.run.epochs + 1):
@@ -193,6 +205,8 @@ def fit_plain(
                 attack_mode=config.method.attack_mode,
                 device=device,
                 generator=generator,
+                replays=replays,
+                mixed_precision=config.run.mixed_precision,
             )
         )
     return stats
@@ -215,3 +229,18 @@ def epoch_schedule(config: Config, epoch: int, *, steps_per_epoch: int) -> tuple
         epoch, start=schedule.steps_start, final=attack.num_steps, ramp_epochs=schedule.steps_ramp_epochs
     )
     return eps_for_step, attack.model_copy(update={"num_steps": num_steps})
+
+
+def collapsed(probe_acc: float, best_probe_acc: float, *, drop: float) -> bool:
+    """Catastrophic overfitting (Wong et al. 2020): PGD accuracy on the fixed probe batch falls more than
+    `drop` below the best it reached. Single-step training then yields a model that FGSM cannot fool
+    but PGD fools almost always; the collapse happens within an epoch, so one epoch's drop is enough."""
+    return probe_acc < best_probe_acc - drop
+
+
+def fallback_attack(attack: AttackConfig, *, num_steps: int) -> AttackConfig:
+    """The safer training attack after a collapse: PGD-`num_steps` with random start and the usual
+    2.5 * eps / steps step (multi-step attacks do not show catastrophic overfitting)."""
+    return attack.model_copy(
+        update={"name": "pgd", "num_steps": num_steps, "step_size_factor": 2.5, "step_size": 0.0, "random_start": True}
+    )

@@ -142,20 +142,75 @@ def mart(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None,
     return boosted_ce + beta * (kl * (1.0000001 - true_probs)).mean(), logits_adv
 
 
+def free_at(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, perturbation: dict) -> MethodResult:
+    """Free adversarial training (Shafahi et al. 2019, arXiv:1904.12843, "Adversarial training for free!").
+
+    The training loop replays each minibatch m times (`method.replays`); every replay is one forward and
+    one backward that yields the weight gradient (the optimizer steps on it) and, for free, the gradient
+    w.r.t. the perturbation, which takes one signed step of `step_size(eps)` before the next replay. The
+    perturbation persists across replays and across minibatches (`perturbation["delta"]`, zeros at the
+    start of a run), so after the m-th replay the next batch starts from the last one's perturbation.
+    With `run.epochs` = N / m the run costs about N clean epochs.
+
+    The perturbation's step is applied at the start of the next call, once the loop's backward has
+    filled in its gradient; the forward is the model's own (train mode, DDP-synchronised), so
+    `attack_mode` does not apply.
+    """
+    pending = perturbation.get("pending")
+    delta = perturbation.get("delta")
+    if pending is not None and pending.grad is not None:
+        with torch.no_grad():
+            grad = pending.grad
+            if attack.norm == "linf":
+                stepped = pending + perturbation["step"] * grad.sign()
+                stepped = stepped.clamp(-eps, eps)
+            else:
+                norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+                stepped = pending + perturbation["step"] * grad / norms
+                radius = stepped.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(norms)
+                stepped = stepped * (eps / radius).clamp(max=1.0)
+            delta[: len(stepped)] = stepped
+    if delta is None or delta.shape[1:] != x.shape[1:] or len(delta) < len(x):
+        delta = torch.zeros_like(x)
+    elif attack.norm == "linf":
+        delta = delta.clamp(-eps, eps)  # eps may have changed (ramp); keep the buffer inside the ball
+    perturbation["delta"] = delta
+    perturbation["step"] = step_size(
+        eps, num_steps=attack.num_steps, factor=attack.step_size_factor, absolute=attack.step_size
+    )
+    current = delta[: len(x)].clone().requires_grad_(True)
+    perturbation["pending"] = current
+    logits = model((x + current).clamp(0, 1))
+    return F.cross_entropy(logits, y), logits
+
+
 Method = Callable[..., MethodResult]
 METHODS: dict[str, Method] = {
     "standard": standard,
     "pgd_at": pgd_at,
     "fgsm_rs": fgsm_rs,
+    "free_at": free_at,
     "trades": trades,
     "mart": mart,
 }
+# Single-step methods: the ones prone to catastrophic overfitting (Wong et al. 2020), hence guarded.
+SINGLE_STEP_METHODS = ("fgsm_rs", "free_at")
 
 
 def get_method(name: str, *, beta: float = 6.0) -> Method:
-    """The method by name, with its own knobs bound (beta for trades / mart)."""
+    """The method by name, with its own knobs bound (beta for trades / mart; a fresh persistent
+    perturbation for free_at, so each call gives an independent training run its own state)."""
     try:
         method = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method '{name}'; allowed: {', '.join(METHODS)}") from None
-    return partial(method, beta=beta) if name in ("trades", "mart") else method
+    if name in ("trades", "mart"):
+        return partial(method, beta=beta)
+    if name == "free_at":
+        return partial(method, perturbation={})
+    return method
+
+
+def replays(method_name: str, configured: int) -> int:
+    """Optimizer steps per minibatch: `configured` (m) for free_at, 1 for every other method."""
+    return configured if method_name == "free_at" else 1

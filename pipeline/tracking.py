@@ -147,6 +147,19 @@ def log_epoch(uri: str, run_id: str, metrics: dict[str, float], *, epoch: int) -
     client_for(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
 
 
+def record_event(
+    uri: str, run_id: str, tag: str, events: list[dict[str, Any]], *, epoch: int, metrics: dict[str, float]
+) -> None:
+    """A training event (e.g. catastrophic overfitting): every event so far as a JSON tag, plus metrics
+    at step=epoch so the event shows on the run's charts."""
+    now = int(time.time() * 1000)
+    client_for(uri).log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
+        tags=[RunTag(tag, json.dumps(events))],
+    )
+
+
 def logged_epochs(uri: str, run_id: str, key: str) -> set[int]:
     return {m.step for m in client_for(uri).get_metric_history(run_id, key)}
 

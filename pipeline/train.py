@@ -10,6 +10,7 @@ committed checkpoint, and MLflow keeps exactly one value per epoch.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ from ray.train.torch import TorchTrainer
 from pipeline import data as data_lib
 from pipeline import loop, tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
-from pipeline.methods import get_method
+from pipeline.methods import SINGLE_STEP_METHODS, get_method
+from pipeline.methods import replays as method_replays
 from pipeline.models import architecture, build_model
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class TrainSummary:
     epochs: int
     val_clean_acc: float
     val_robust_acc: float
+    registered_epoch: int
     test_clean_acc: float
     test_robust_acc: float
     registered_model: str
@@ -197,6 +200,7 @@ def run_training(
         epochs=config.run.epochs,
         val_clean_acc=summary["val/clean_acc"],
         val_robust_acc=summary["val/robust_acc"],
+        registered_epoch=summary["registered_epoch"],
         test_clean_acc=summary["test/clean_acc"],
         test_robust_acc=summary["test/robust_acc"],
         registered_model=config.tracking.registered_model,
@@ -231,6 +235,21 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
 
 def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, folder / STATE_FILE)
+
+
+def _snapshot(model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """An in-memory copy of the training state (CPU tensors): the last good epoch to go back to."""
+    return {
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+    }
+
+
+def _restore(snapshot: dict[str, Any], model: torch.nn.Module, optimizer, scheduler) -> None:
+    model.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
 
 
 def _load_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -286,13 +305,16 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     attack_model = model.module if hasattr(model, "module") else model  # unwrapped: no DDP hooks
     optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
+    replays = method_replays(config.method.name, config.method.replays)
     scheduler = loop.make_scheduler(
-        optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch
+        optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch * replays
     )
-    method = get_method(config.method.name, beta=config.method.beta)
 
     uri, run_id = ctx["tracking_uri"], ctx["run_id"]
     start_epoch, history = 1, []
+    # Catastrophic-overfitting state: once it fired, training goes on with the fallback attack.
+    guard: dict[str, Any] = {"fallback": False, "events": []}
+    best: dict[str, Any] = {"epoch": 0, "val_robust": -1.0, "model": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint)
@@ -300,6 +322,9 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        guard = {"fallback": bool(state.get("co_fallback", False)), "events": list(state.get("co_events", []))}
+        if state.get("best_model") is not None:
+            best = {"epoch": state["best_epoch"], "val_robust": state["best_val_robust"], "model": state["best_model"]}
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
     already_logged = tracking.logged_epochs(uri, run_id, SENTINEL_METRIC) if rank == 0 else set()
@@ -309,9 +334,12 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             if row["epoch"] not in already_logged:
                 tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
                 already_logged.add(row["epoch"])
+    guarded = config.method.co_guard and config.method.name in SINGLE_STEP_METHODS
+    last_good = _snapshot(attack_model, optimizer, scheduler)
 
     attack = config.attack
-    for epoch in range(start_epoch, config.run.epochs + 1):
+    epoch = start_epoch
+    while epoch <= config.run.epochs:
         # Per-epoch, per-rank seeds: a resumed epoch sees the same data order and random starts.
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
         torch.manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
@@ -324,6 +352,13 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             batches = _ray_data_batches(config.data.batch_size, shape, num_classes)
 
         eps_for_step, epoch_attack = loop.epoch_schedule(config, epoch, steps_per_epoch=steps_per_epoch)
+        method_name = config.method.name
+        if guard["fallback"]:
+            method_name = "pgd_at"
+            epoch_attack = loop.fallback_attack(epoch_attack, num_steps=config.method.co_fallback_steps)
+        # A fresh method per epoch: free_at's persistent perturbation restarts at zero each epoch, so a
+        # resumed or restored epoch trains exactly as it first did.
+        method = get_method(method_name, beta=config.method.beta)
 
         train = loop.train_epoch(
             model,
@@ -337,6 +372,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             attack_mode=config.method.attack_mode,
             device=device,
             generator=generator,
+            replays=replays,
+            mixed_precision=config.run.mixed_precision,
         )
         val_started = time.perf_counter()
         val = loop.clean_and_robust_correct(
@@ -352,6 +389,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             device=device,
             generator=generator,
         )
+        probe = {"robust_correct": 0.0, "count": 0.0}
         if rank == 0:
             # Catastrophic-overfitting probe (Wong et al. 2020): PGD-10 accuracy on a fixed validation
             # batch with a fixed seed; a sudden collapse here while train accuracy climbs is the sign.
@@ -369,7 +407,9 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 generator=torch.Generator(device=device).manual_seed(config.run.seed),
             )
         val_seconds = time.perf_counter() - val_started
-        loss_sum, correct, count, val_clean, val_robust, val_count = _all_reduce_sums(
+        # The probe is rank 0's alone; summing it in hands every rank the same value, so all ranks take
+        # the same catastrophic-overfitting decision.
+        loss_sum, correct, count, val_clean, val_robust, val_count, probe_robust, probe_count = _all_reduce_sums(
             [
                 train["loss_sum"],
                 train["correct"],
@@ -377,24 +417,61 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 val["clean_correct"],
                 val["robust_correct"],
                 val["count"],
+                probe["robust_correct"],
+                probe["count"],
             ],
             device,
         )
+        probe_acc = probe_robust / max(probe_count, 1)
+        best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in history), default=0.0)
+        if guarded and not guard["fallback"] and loop.collapsed(probe_acc, best_probe, drop=config.method.co_drop):
+            event = {
+                "epoch": epoch,
+                "probe_pgd_acc": probe_acc,
+                "best_probe_pgd_acc": best_probe,
+                "restored_epoch": epoch - 1,
+                "fallback": f"pgd_at with PGD-{config.method.co_fallback_steps}",
+            }
+            guard = {"fallback": True, "events": [*guard["events"], event]}
+            _restore(last_good, attack_model, optimizer, scheduler)
+            if rank == 0:
+                log.warning(
+                    "epoch %d: catastrophic overfitting (probe PGD accuracy %.3f, best %.3f); restored epoch %d "
+                    "and continuing with %s",
+                    epoch,
+                    probe_acc,
+                    best_probe,
+                    epoch - 1,
+                    event["fallback"],
+                )
+                tracking.record_event(
+                    uri,
+                    run_id,
+                    "advtrain.catastrophic_overfitting",
+                    guard["events"],
+                    epoch=epoch,
+                    metrics={"co/collapsed_probe_pgd_acc": probe_acc},
+                )
+            continue  # the collapsed epoch is redone, never checkpointed, logged as an epoch or shipped
+
         metrics = {
             "train/loss": loss_sum / max(count, 1),
             "train/acc": correct / max(count, 1),
             "train/eps": train["eps"],
             "train/lr": train["lr"],
             "train/images_per_s": count / max(train["seconds"], 1e-9),
+            "train/fallback": float(guard["fallback"]),
             "val/clean_acc": val_clean / max(val_count, 1),
             "val/robust_acc": val_robust / max(val_count, 1),
+            "val/probe_pgd_acc": probe_acc,
             "time/train_s": train["seconds"],
             "time/val_s": val_seconds,
             "time/epoch_s": train["seconds"] + val_seconds,
         }
-        if rank == 0:
-            metrics["val/probe_pgd_acc"] = probe["robust_correct"] / max(probe["count"], 1)
         history.append({"epoch": epoch, "metrics": metrics})
+        last_good = _snapshot(attack_model, optimizer, scheduler)
+        if metrics["val/robust_acc"] > best["val_robust"]:
+            best = {"epoch": epoch, "val_robust": metrics["val/robust_acc"], "model": last_good["model"]}
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(
@@ -405,6 +482,11 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch,
                         "history": history,
+                        "co_fallback": guard["fallback"],
+                        "co_events": guard["events"],
+                        "best_epoch": best["epoch"],
+                        "best_val_robust": best["val_robust"],
+                        "best_model": best["model"],
                         "rng_state": torch.get_rng_state(),
                         "architecture_json": json.dumps(arch),
                         "config_toml": to_toml(config),
@@ -433,17 +515,28 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             )
         else:
             ray.train.report({**metrics, "epoch": epoch})  # every rank reports equally often, or training hangs
+        epoch += 1
 
+    if config.run.keep_best and best["model"] is not None:
+        attack_model.load_state_dict(best["model"])
     if rank != 0:
         return None
-    return _finish(config, ctx, attack_model, history, device)
+    registered_epoch = best["epoch"] if config.run.keep_best and best["model"] is not None else history[-1]["epoch"]
+    return _finish(config, ctx, attack_model, history, device, registered_epoch=registered_epoch)
 
 
 def _finish(
-    config: Config, ctx: dict[str, Any], model: torch.nn.Module, history: list[dict], device: torch.device
+    config: Config,
+    ctx: dict[str, Any],
+    model: torch.nn.Module,
+    history: list[dict],
+    device: torch.device,
+    *,
+    registered_epoch: int,
 ) -> dict[str, Any]:
-    """Rank 0: test-set numbers, then log and register the model (no pickle)."""
+    """Rank 0: test-set numbers of the chosen epoch's weights, then log and register them (no pickle)."""
     uri, run_id, arch = ctx["tracking_uri"], ctx["run_id"], ctx["architecture"]
+    chosen = next(row["metrics"] for row in history if row["epoch"] == registered_epoch)
     x_test, y_test = data_lib.load_split(config.data.path, "test")
     generator = torch.Generator(device=device).manual_seed(config.run.seed)
     n_robust = config.validation.num_examples or len(y_test)
@@ -465,7 +558,16 @@ def _finish(
     predictions = loop.predict(model, x_test, batch_size=config.validation.batch_size, device=device)
     test_clean = float((predictions == y_test).float().mean())
     test_metrics = {"test/clean_acc": test_clean, "test/robust_acc": test["robust_correct"] / max(test["count"], 1)}
-    tracking.log_epoch(uri, run_id, test_metrics, epoch=config.run.epochs)
+    tracking.log_epoch(
+        uri,
+        run_id,
+        {
+            **test_metrics,
+            "registered/epoch": float(registered_epoch),
+            "registered/val_robust_acc": chosen["val/robust_acc"],
+        },
+        epoch=config.run.epochs,
+    )
     cpu_model = build_model(arch)
     cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     registered = tracking.log_and_register_model(
@@ -481,15 +583,20 @@ def _finish(
             "threat_model.eps": config.attack.eps,
             "method": config.method.name,
             "test_clean_acc": test_clean,
-            "val_robust_acc": history[-1]["metrics"]["val/robust_acc"],
+            "epoch": registered_epoch,
+            "val_robust_acc": chosen["val/robust_acc"],
             "val_robust_protocol": f"pgd-{config.validation.num_steps} x{config.validation.num_restarts} restarts",
         },
     )
-    tracking.set_tags(uri, run_id, {"advtrain.weights_sha256": registered["weights_sha256"]})
-    last = history[-1]["metrics"]
+    tracking.set_tags(
+        uri,
+        run_id,
+        {"advtrain.weights_sha256": registered["weights_sha256"], "advtrain.registered_epoch": str(registered_epoch)},
+    )
     return {
-        "val/clean_acc": last["val/clean_acc"],
-        "val/robust_acc": last["val/robust_acc"],
+        "registered_epoch": registered_epoch,
+        "val/clean_acc": chosen["val/clean_acc"],
+        "val/robust_acc": chosen["val/robust_acc"],
         **test_metrics,
         "model_version": registered["version"],
         "weights_sha256": registered["weights_sha256"],

@@ -44,7 +44,8 @@ def test_trades_adds_a_positive_kl_term(batch):
 def test_every_method_trains_without_touching_modes_wrongly(name, batch):
     x, y = batch
     model = _model()
-    attack = AttackConfig(name="fgsm" if name == "fgsm_rs" else "pgd", eps=0.2, num_steps=1 if name == "fgsm_rs" else 3)
+    single_step = name in ("fgsm_rs", "free_at")
+    attack = AttackConfig(name="fgsm" if single_step else "pgd", eps=0.2, num_steps=1 if single_step else 3)
     model.train()
     loss, logits = get_method(name)(model, model, x, y, attack=attack, eps=0.2, attack_mode="eval")
     assert model.training, "methods hand the model back in train mode"
@@ -55,5 +56,103 @@ def test_every_method_trains_without_touching_modes_wrongly(name, batch):
 
 
 def test_unknown_method_names_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: standard, pgd_at, fgsm_rs, trades, mart"):
+    with pytest.raises(ValueError, match="allowed: standard, pgd_at, fgsm_rs, free_at, trades, mart"):
         get_method("free")
+
+
+def _replay(method, model, x, y, attack, eps=0.2):
+    loss, _ = method(model, model, x, y, attack=attack, eps=eps, attack_mode="eval")
+    model.zero_grad()
+    loss.backward()
+    return loss
+
+
+def test_free_at_perturbation_persists_across_replays_and_batches(batch):
+    """Shafahi et al.: each replay's backward also yields the input gradient; the perturbation takes one
+    signed step of eps (clipped to the ball) before the next replay and carries over to the next batch."""
+    x, y = batch
+    model = _model()
+    attack = AttackConfig(name="fgsm", eps=0.2, num_steps=1, step_size_factor=0.5)  # step 0.1 = eps / 2
+    method = get_method("free_at")
+    state = method.keywords["perturbation"]
+    _replay(method, model, x, y, attack)
+    first = state["pending"]
+    assert torch.equal(first.detach(), torch.zeros_like(x)), "a run starts from zero perturbation"
+    grad = first.grad.clone()
+    _replay(method, model, x, y, attack)
+    second = state["pending"].detach()
+    assert torch.allclose(second, (0.1 * grad.sign()).clamp(-0.2, 0.2))
+    grad2 = state["pending"].grad.clone()
+    _replay(method, model, x, y, attack)
+    third = state["pending"].detach()
+    assert torch.allclose(third, (second + 0.1 * grad2.sign()).clamp(-0.2, 0.2))
+    assert third.abs().max() <= 0.2 + 1e-7 and (third.abs() == 0.2).any(), "clipped to the eps-ball"
+    # A new minibatch (here: half as large) starts from where the last replay left the perturbation.
+    grad3 = state["pending"].grad.clone()
+    _replay(method, model, x[:8], y[:8], attack)
+    assert torch.allclose(state["pending"].detach(), (third + 0.1 * grad3.sign()).clamp(-0.2, 0.2)[:8])
+    # Independent runs get independent state.
+    assert get_method("free_at").keywords["perturbation"] == {}
+
+
+def test_free_at_replays_each_minibatch_m_times():
+    from pipeline.config import Config
+    from pipeline.loop import make_optimizer, train_epoch
+
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    optimizer = make_optimizer(model, Config().optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = train_epoch(
+        model,
+        model,
+        batches,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        method=get_method("free_at"),
+        attack=AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.0),
+        eps_for_step=lambda step: 0.1,
+        attack_mode="eval",
+        device=torch.device("cpu"),
+        replays=4,
+    )
+    assert scheduler.last_epoch == 12 and stats["count"] == 3 * 8 * 4
+
+
+def test_bf16_autocast_trains_with_fp32_weights(batch):
+    from pipeline.config import Config
+    from pipeline.loop import make_optimizer, train_epoch
+
+    x, y = batch
+    model = _model()
+    optimizer = make_optimizer(model, Config().optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_epoch(
+        model,
+        model,
+        [(x, y)],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        method=get_method("pgd_at"),
+        attack=AttackConfig(eps=0.2, num_steps=2),
+        eps_for_step=lambda step: 0.2,
+        attack_mode="eval",
+        device=torch.device("cpu"),
+        mixed_precision="bf16",
+    )
+    assert stats["loss_sum"] > 0 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # Outside the training step nothing is left in bf16: evaluation runs in fp32.
+    assert model(x).dtype == torch.float32
+
+
+def test_catastrophic_overfitting_rule_and_fallback():
+    from pipeline.loop import collapsed, fallback_attack
+
+    assert collapsed(0.05, 0.60, drop=0.2) and not collapsed(0.45, 0.60, drop=0.2)
+    assert not collapsed(0.0, 0.1, drop=0.2), "no collapse below a robust accuracy never reached"
+    safer = fallback_attack(AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.25), num_steps=2)
+    assert (safer.name, safer.num_steps, safer.step_size_factor, safer.random_start) == ("pgd", 2, 2.5, True)
+    assert safer.eps == 0.1
