@@ -27,6 +27,7 @@ app.add_typer(models_app, name="models")
 class Source(StrEnum):
     digits = "digits"
     fashion_mnist = "fashion-mnist"
+    cifar10 = "cifar10"
     npz = "npz"
 
 
@@ -38,12 +39,18 @@ def _fail(message: str) -> None:
 @data_app.command("prepare")
 def data_prepare(
     kind: Annotated[
-        Source, typer.Argument(help="digits (bundled with scikit-learn), fashion-mnist (IDX files) or npz.")
+        Source,
+        typer.Argument(
+            help="digits (bundled with scikit-learn), fashion-mnist (IDX files), cifar10 (python batches) or npz."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Output folder (metadata.json + train/val/test Parquet).")] = Path(""),
     source: Annotated[
         Path | None,
-        typer.Option(help="fashion-mnist: folder of IDX .gz files (/usr/share/datasets/fashion-mnist); npz: the file."),
+        typer.Option(
+            help="fashion-mnist: folder of IDX .gz files (/usr/share/datasets/fashion-mnist); cifar10: the extracted "
+            "cifar-10-batches-py folder; npz: the file."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
 ) -> None:
@@ -51,6 +58,7 @@ def data_prepare(
 
     Examples: `advtrain data prepare digits --out data/digits`;
     `advtrain data prepare fashion-mnist --source /usr/share/datasets/fashion-mnist --out data/fashion-mnist`;
+    `advtrain data prepare cifar10 --source ~/cifar-10-batches-py --out data/cifar10`;
     `advtrain data prepare npz --source my.npz --out data/mine`.
     """
     from pipeline import data
@@ -64,6 +72,10 @@ def data_prepare(
                 if source is None:
                     _fail("fashion-mnist needs --source DIR (e.g. /usr/share/datasets/fashion-mnist)")
                 info = data.prepare_fashion_mnist(source, out, seed=seed)
+            case Source.cifar10:
+                if source is None:
+                    _fail("cifar10 needs --source DIR (the extracted cifar-10-batches-py folder)")
+                info = data.prepare_cifar10(source, out, seed=seed)
             case Source.npz:
                 if source is None:
                     _fail("npz needs --source FILE.npz")

@@ -58,6 +58,11 @@ class DataConfig(_Component):
     path: str = Field(default="data/digits", description="Folder written by `advtrain data prepare`.")
     loader: Literal["auto", "memory", "ray_data"] = "auto"
     batch_size: int = Field(default=128, ge=1, description="Examples per worker per step.")
+    augment: Literal["none", "crop_flip"] = Field(
+        default="none",
+        description="Training augmentation: crop_flip = random crop after 4-pixel zero padding + horizontal "
+        "flip (the CIFAR-10 standard; applied before the attack, so perturbations are of augmented images).",
+    )
     memory_limit_mb: float = Field(
         default=2048.0,
         gt=0,

@@ -20,9 +20,11 @@ import gzip
 import hashlib
 import json
 import logging
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -267,6 +269,73 @@ def prepare_fashion_mnist(source: str | Path, out: str | Path, *, val_size: int 
         {"train": train, "val": val, "test": (x_test, y_test)},
         class_names=FASHION_MNIST_CLASSES,
         source=f"fashion-mnist:{source}",
+    )
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR-10 "python version" batches are pickles of {b'data': uint8 array, b'labels': [...]}.
+    A pickle can name any callable; this one resolves only what rebuilding numpy arrays needs, so a
+    tampered batch file fails instead of running code."""
+
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"refusing to load {module}.{name} from a CIFAR-10 batch: it holds only arrays and lists")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing. --source must be the extracted 'cifar-10-batches-py' folder "
+            f"(data_batch_1..5 and test_batch)"
+        )
+    try:
+        with path.open("rb") as f:
+            batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({err})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels'")
+    data = np.asarray(batch[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def prepare_cifar10(source: str | Path, out: str | Path, *, val_size: int = 5000, seed: int = 0) -> DatasetInfo:
+    """CIFAR-10's python batches (the extracted cifar-10-batches-py folder) -> 3x32x32; val carved from train."""
+    source = Path(source)
+    if not source.is_dir():
+        raise DataError(f"{source}: not a folder; pass the extracted cifar-10-batches-py folder")
+    parts = [_read_cifar_batch(source / name) for name in CIFAR10_TRAIN_BATCHES]
+    x_train = np.concatenate([x for x, _ in parts])
+    y_train = np.concatenate([y for _, y in parts])
+    x_test, y_test = _read_cifar_batch(source / "test_batch")
+    train, val = _split_off(x_train, y_train, val_size / len(y_train), seed)
+    return write_dataset(
+        out,
+        {"train": train, "val": val, "test": (x_test, y_test)},
+        class_names=CIFAR10_CLASSES,
+        source=f"cifar10:{source}",
     )
 
 

@@ -52,6 +52,21 @@ def tensor_batches(
         yield x[idx], y[idx]
 
 
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, *, padding: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded image back to its size, then a random horizontal flip, per example
+    (the CIFAR-10 augmentation of He et al. 2016 used by Madry, Wong, Rice et al.)."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + offsets[0][:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None, :] + offsets[1][:, None])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, channels, rows, cols]
+    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
 def train_epoch(
     model: nn.Module,
     attack_model: nn.Module,
@@ -67,6 +82,7 @@ def train_epoch(
     generator: torch.Generator | None = None,
     replays: int = 1,
     mixed_precision: str = "none",
+    augment: str = "none",
 ) -> dict[str, float]:
     """One pass over `batches`; returns sums: loss_sum, correct, count, seconds, last eps and lr.
 
@@ -82,6 +98,8 @@ def train_epoch(
     for step, (x, y) in enumerate(batches):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if augment == "crop_flip":
+            x = crop_flip(x, generator)
         eps = eps_for_step(step)
         for _ in range(replays):
             with autocast:
@@ -207,6 +225,7 @@ def fit_plain(
                 generator=generator,
                 replays=replays,
                 mixed_precision=config.run.mixed_precision,
+                augment=config.data.augment,
             )
         )
     return stats

@@ -374,6 +374,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             generator=generator,
             replays=replays,
             mixed_precision=config.run.mixed_precision,
+            augment=config.data.augment,
         )
         val_started = time.perf_counter()
         val = loop.clean_and_robust_correct(

@@ -1,9 +1,11 @@
 import re
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, config_from_dict, flat_params, load_config, parse_override, to_toml
 
+ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFIGS = "jobs/configs"
 
 
@@ -79,3 +81,22 @@ def test_config_is_frozen():
     config = config_from_dict({})
     with pytest.raises(Exception, match="frozen"):
         config.attack.eps = 1.0  # type: ignore[misc]
+
+
+RUN_RECIPES = sorted(p for p in (ROOT / "jobs/configs").glob("*.toml") if p.name != "promotion.toml")
+
+
+@pytest.mark.parametrize("recipe", RUN_RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_its_model_builds(recipe):
+    import torch
+
+    from pipeline.models import architecture, build_model
+
+    config = load_config(recipe)
+    shape = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}[Path(config.data.path).name]
+    model = build_model(
+        architecture(config.model, shape=shape, num_classes=10, mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
+    )
+    assert model(torch.rand(2, *shape)).shape == (2, 10)
+    if config.method.name in ("fgsm_rs", "free_at"):
+        assert config.method.co_guard, f"{recipe.name}: single-step recipes keep the catastrophic-overfitting guard on"

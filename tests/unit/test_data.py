@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import re
 import shutil
 import struct
@@ -188,3 +189,41 @@ def test_shards_are_disjoint_equal_and_change_per_epoch():
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
     assert not torch.equal(shards[0], shard_indices(103, rank=0, world_size=2, epoch=2, seed=0))
     assert torch.equal(shards[0], shard_indices(103, rank=0, world_size=2, epoch=1, seed=0))
+
+
+def _write_cifar_batch(path, images, labels):
+    import pickle
+
+    with path.open("wb") as f:
+        pickle.dump({b"batch_label": b"x", b"data": images.reshape(len(images), -1), b"labels": list(labels)}, f)
+
+
+def test_cifar10_python_batches(tmp_path):
+    """The format of the official cifar-10-batches-py archive: pickled dicts of a uint8 (N, 3072) array
+    (channel-major rows) and a list of labels."""
+    import pickle
+
+    from pipeline.data import prepare_cifar10
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    batches = [rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8) for _ in range(6)]
+    for i, images in enumerate(batches[:5], start=1):
+        _write_cifar_batch(src / f"data_batch_{i}", images, np.arange(20) % 10)
+    _write_cifar_batch(src / "test_batch", batches[5], (np.arange(20) + 3) % 10)
+    info = prepare_cifar10(src, tmp_path / "out", val_size=10)
+    assert info.shape == (3, 32, 32) and info.num_rows("train") == 90 and info.num_rows("val") == 10
+    assert list(info.class_names[:2]) == ["airplane", "automobile"]
+    xt, yt = load_split(tmp_path / "out", "test")
+    assert torch.equal((xt * 255).round().to(torch.uint8), torch.from_numpy(batches[5]))
+    assert yt.tolist() == ((np.arange(20) + 3) % 10).tolist()
+
+    # A pickle naming anything but numpy's array rebuilders is refused before it runs.
+    with (src / "test_batch").open("wb") as f:
+        pickle.dump({b"data": batches[5].reshape(20, -1), b"labels": os.system}, f)
+    with pytest.raises(DataError, match=re.escape("refusing to load posix.system")):
+        prepare_cifar10(src, tmp_path / "out2")
+    (src / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"data_batch_3: missing.*cifar-10-batches-py"):
+        prepare_cifar10(src, tmp_path / "out3")

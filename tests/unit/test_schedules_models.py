@@ -126,3 +126,24 @@ def test_epoch_schedule_applies_steps_ramp():
     assert attack.num_steps == 2 and eps_for_step(5) == pytest.approx(0.05)
     _, attack = epoch_schedule(config, 5, steps_per_epoch=10)
     assert attack.num_steps == 10
+
+
+def test_crop_flip_shifts_and_flips_within_the_padding():
+    from pipeline.loop import crop_flip
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(2):
+        # Each output is some 8x8 window of the padded image, possibly mirrored, same for every channel.
+        windows = [
+            padded[i, :, r : r + 8, c : c + 8].flip(2) if f else padded[i, :, r : r + 8, c : c + 8]
+            for r in range(9)
+            for c in range(9)
+            for f in (False, True)
+        ]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert not torch.equal(
+        crop_flip(x, torch.Generator().manual_seed(1)), crop_flip(x, torch.Generator().manual_seed(2))
+    )
