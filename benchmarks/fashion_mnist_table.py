@@ -1,0 +1,145 @@
+"""The Fashion-MNIST results table (issue 4): one row per trained recipe, every number measured here.
+
+    MLFLOW_TRACKING_URI=sqlite:////path/mlflow.db .venv/bin/python benchmarks/fashion_mnist_table.py \
+        --runs fmnist-fast fmnist-free fmnist-pgd fmnist-trades fmnist-mart [--protocol standard]
+
+For each run (by name, in the recipes' MLflow experiment) it loads the model that run registered (its
+best-robust epoch), then measures in fp32 on this machine:
+  - clean accuracy on the full 10,000-example test split,
+  - PGD-20 robust accuracy (step 2.5 eps / 20, one random start) on the full test split,
+  - robust accuracy under the `standard` ensemble (APGD-CE, APGD-T x9, Square 5000) on the first
+    1,000 test examples with its 95% Wilson interval,
+and reads the training wall time (MLflow run start to end: Ray start-up, training, per-epoch
+validation, test metrics and registration) and the pure training time (sum of time/train_s). Writes
+benchmarks/results/fashion_mnist.json and prints the markdown table for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="run names (run.name of each recipe's run)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""))
+    parser.add_argument("--experiment", default="fashion-mnist-linf")
+    parser.add_argument("--data", default=str(ROOT / "data/fashion-mnist"))
+    parser.add_argument("--protocol", default="standard", choices=["standard", "fast", "pgd", "none"])
+    parser.add_argument("--ensemble-examples", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/fashion_mnist.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from pipeline import loop, tracking
+    from pipeline.data import load_split
+    from pipeline.evaluate import evaluate_examples, wilson_interval
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, cwd=ROOT)
+    client = tracking.client_for(uri)
+    x_test, y_test = load_split(args.data, "test")
+    device = torch.device("cpu")
+    rows = []
+    for name in args.runs:
+        run_id = tracking.find_run(uri, args.experiment, name)
+        if run_id is None:
+            raise SystemExit(f"no run named '{name}' in experiment '{args.experiment}' at {uri}")
+        run = client.get_run(run_id)
+        params = run.data.params
+        eps = float(params["attack.eps"])
+        model = tracking.load_model(f"runs:/{run_id}/model", tracking_uri=uri).eval()
+        started = time.perf_counter()
+        clean = float((loop.predict(model, x_test, batch_size=500, device=device) == y_test).float().mean())
+        pgd20 = loop.clean_and_robust_correct(
+            model,
+            x_test,
+            y_test,
+            eps=eps,
+            norm=params["attack.norm"],
+            num_steps=20,
+            step_size_factor=2.5,
+            num_restarts=1,
+            batch_size=500,
+            device=device,
+            generator=torch.Generator().manual_seed(0),
+        )
+        row = {
+            "run": name,
+            "method": params["method.name"],
+            "epochs": int(params["run.epochs"]),
+            "registered_epoch": int(float(run.data.metrics.get("registered/epoch", params["run.epochs"]))),
+            "clean_acc_10k": clean,
+            "pgd20_acc_10k": pgd20["robust_correct"] / pgd20["count"],
+            "wall_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+            "train_s": sum(v for _, v in tracking.metric_history(uri, run_id, "time/train_s")),
+            "catastrophic_overfitting": run.data.tags.get("advtrain.catastrophic_overfitting"),
+        }
+        if args.protocol != "none":
+            n = args.ensemble_examples
+            ensemble_started = time.perf_counter()
+            result = evaluate_examples(
+                model,
+                x_test[:n],
+                y_test[:n],
+                norm=params["attack.norm"],
+                eps=eps,
+                protocol=args.protocol,
+                seed=0,
+                chunk_size=250,
+            )
+            robust = int(list(result.robust_after.values())[-1].sum())
+            low, high = wilson_interval(robust, n)
+            row |= {
+                "protocol": args.protocol,
+                "ensemble_acc": robust / n,
+                "ensemble_ci95": [low, high],
+                "ensemble_examples": n,
+                "ensemble_s": time.perf_counter() - ensemble_started,
+            }
+        row["measure_s"] = time.perf_counter() - started
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                f"{torch.__version__}, {args.threads} threads",
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print()
+    print(
+        f"| method | run | clean (10k) | PGD-20 (10k) | {args.protocol} (first {args.ensemble_examples}) [95% CI] "
+        "| registered epoch | training wall time | of which training |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ensemble = (
+            f"{r['ensemble_acc']:.3f} [{r['ensemble_ci95'][0]:.3f}, {r['ensemble_ci95'][1]:.3f}]"
+            if "ensemble_acc" in r
+            else "-"
+        )
+        wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "-"
+        print(
+            f"| {r['method']} | {r['run']} | {r['clean_acc_10k']:.4f} | {r['pgd20_acc_10k']:.4f} | {ensemble} | "
+            f"{r['registered_epoch']} of {r['epochs']} | {wall} | {r['train_s'] / 60:.1f} min |"
+        )
+
+
+if __name__ == "__main__":
+    main()
