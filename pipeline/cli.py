@@ -161,6 +161,61 @@ def train(
     )
 
 
+@app.command("tune")
+def tune_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML run file the search varies.")],
+    search: Annotated[
+        Path, typer.Option("--search", "-s", help="TOML search file, e.g. jobs/configs/search_digits.toml.")
+    ],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a run-config key for every trial, repeatable.")
+    ] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Trials (overrides [search] num_samples).")] = None,
+    name: Annotated[str | None, typer.Option(help="Search name (default: a unique one); --resume needs it.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the interrupted search --name; finished trials are kept.")
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
+) -> None:
+    """Ray Tune search over the run config's keys: each trial a distributed training run, ASHA on the
+    robust objective, one MLflow parent run with a child per trial; writes the best config as TOML.
+
+    Example: `advtrain tune --config jobs/configs/digits_demo.toml --search jobs/configs/search_digits.toml`.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data import DataError
+    from pipeline.tracking import TrackingError
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from pipeline import tune as tune_lib
+
+        spec = tune_lib.load_search(search, cfg, num_samples=num_samples)
+    except ConfigError as err:
+        _fail(str(err))
+    from pipeline import train as train_lib
+
+    train_lib.init_ray(ray_address, num_cpus=num_cpus)
+    try:
+        summary = tune_lib.run_search(cfg, spec, name=name, resume=resume, config_name=f"{config.stem}-search")
+    except (ConfigError, DataError, TrackingError) as err:
+        _fail(str(err))
+    typer.echo("")
+    typer.echo(tune_lib.format_table(summary))
+    typer.echo("")
+    typer.echo(f"search {summary.name} finished in {summary.seconds:.0f}s; MLflow parent run {summary.parent_run_id}")
+    if summary.best:
+        typer.echo(f"  best trial     {summary.best.trial_id} (best-epoch objective {summary.best_objective:.4f})")
+        typer.echo(f"  best config    {summary.best_config_path}")
+        typer.echo(f"  train it       advtrain train --config {summary.best_config_path}")
+    if summary.registered_version is not None:
+        typer.echo(f"  registered     {cfg.tracking.registered_model} version {summary.registered_version}")
+
+
 class Protocol(StrEnum):
     fast = "fast"
     standard = "standard"

@@ -296,6 +296,23 @@ def _log_and_register(
     return result
 
 
+def register_run_model(
+    uri: str, run_id: str, *, registered_model: str, alias: str = "", tags: dict[str, Any] | None = None
+) -> int:
+    """Register the model a run logged (`runs:/ID/model`) as a new version, with the run's weights digest."""
+    client = client_for(uri)
+    digest = client.get_run(run_id).data.tags.get("advtrain.weights_sha256", "")
+    with _global_uris(uri):
+        version = mlflow.register_model(
+            f"runs:/{run_id}/model",
+            registered_model,
+            tags={**{k: str(v) for k, v in (tags or {}).items()}, "weights_sha256": digest},
+        )
+    if alias:
+        client.set_registered_model_alias(registered_model, alias, str(version.version))
+    return int(version.version)
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """A loaded model and where it came from (registry coordinates when it has them)."""

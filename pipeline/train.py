@@ -104,12 +104,22 @@ def choose_loader(config: Config, info: data_lib.DatasetInfo) -> str:
 
 
 def run_training(
-    config: Config, *, config_name: str = "run", resume: str | None = None, cwd: str | Path | None = None
+    config: Config,
+    *,
+    config_name: str = "run",
+    resume: str | None = None,
+    cwd: str | Path | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+    objective_clean_weight: float = 0.0,
 ) -> TrainSummary:
     """Fit the run described by `config` on the connected Ray cluster (ray.init first).
 
     `resume=NAME` requires that run to exist; a config `run.name` that exists resumes it; an empty name
-    gets a unique one, so a run can never overwrite another by accident.
+    gets a unique one, so a run can never overwrite another by accident. A search's trial passes its
+    parent MLflow run, Tune's report callback and the objective's clean-accuracy weight (every epoch
+    reports `objective = val robust + weight * val clean`).
     """
     started = time.perf_counter()
     base = Path(cwd or Path.cwd())
@@ -147,6 +157,8 @@ def run_training(
             "advtrain.dataset": info.source,
             "advtrain.threat_model": f"{config.attack.norm} eps={config.attack.eps}",
             "advtrain.method": config.method.name,
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+            **(extra_tags or {}),
         },
     )
     arch = architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
@@ -158,6 +170,7 @@ def run_training(
         "tracking_uri": uri,
         "run_id": run_id,
         "dataset_source": info.source,
+        "objective_clean_weight": objective_clean_weight,
     }
     datasets = None
     if loader == "ray_data":
@@ -179,6 +192,7 @@ def run_training(
             # Ray Train's per-report INFO lines drown the per-epoch progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}},
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
     )
@@ -465,6 +479,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             "val/clean_acc": val_clean / max(val_count, 1),
             "val/robust_acc": val_robust / max(val_count, 1),
             "val/probe_pgd_acc": probe_acc,
+            "objective": val_robust / max(val_count, 1)
+            + ctx.get("objective_clean_weight", 0.0) * val_clean / max(val_count, 1),
             "time/train_s": train["seconds"],
             "time/val_s": val_seconds,
             "time/epoch_s": train["seconds"] + val_seconds,
