@@ -43,6 +43,7 @@ STATE_FILE = "state.pt"
 FINISHED_MARKER = "advtrain_finished.json"
 SENTINEL_METRIC = "train/loss"
 PROBE_EXAMPLES = 128
+TRIAL_DRIVER_RESOURCE = "trial_driver"
 
 
 @dataclass(frozen=True)
@@ -636,4 +637,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     else:
         # Loopback only: a local instance has no business on the machine's network interfaces. The
         # dashboard is what lets Ray free stopped runs' placement groups (shared/NOTES).
-        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, _node_ip_address="127.0.0.1")
+        ray.init(
+            num_cpus=num_cpus,
+            # Tune trial drivers hold this instead of a CPU (pipeline/tune.py): a trial that only waits on
+            # its TorchTrainer must not take a CPU its own workers need.
+            resources={TRIAL_DRIVER_RESOURCE: 1000},
+            include_dashboard=True,
+            log_to_driver=True,
+            _node_ip_address="127.0.0.1",
+        )

@@ -46,7 +46,7 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, _tables, _unknown, config_from_dict, to_toml
-from pipeline.train import _storage_uri, run_training, unique_run_name
+from pipeline.train import TRIAL_DRIVER_RESOURCE, _storage_uri, run_training, unique_run_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 FIXED_KEYS = ("run.name", "run.epochs", "run.storage_path", "data.path", "data.loader", "data.memory_limit_mb")
 FIXED_TABLES = ("validation", "scaling", "tracking")
 # Resources of a trial's driver: it only waits on its TorchTrainer, and a whole CPU for it would
-# deadlock a 2-CPU machine (1 driver CPU + 2 worker CPUs > 2; shared/NOTES).
+# deadlock a 2-CPU machine (1 driver CPU + 2 worker CPUs > 2; shared/NOTES). Tune refuses a bundle of
+# 0 CPUs, so drivers hold a custom resource instead: local instances get it from init_ray, a cluster
+# from `ray start --resources='{"trial_driver": 100}'` (infra/). Without it, a sliver of a CPU.
 TRIAL_DRIVER_CPU = 0.01
 BEST_CONFIG_FILE = "best_config.toml"
 
@@ -284,11 +286,17 @@ def _absolute(config: Config, cwd: Path) -> Config:
     )
 
 
-def _concurrency(config: Config, settings: SearchSettings) -> int:
+def _driver_resources() -> dict[str, float]:
+    if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
+        return {"cpu": 0, TRIAL_DRIVER_RESOURCE: 1}
+    return {"cpu": TRIAL_DRIVER_CPU}
+
+
+def _concurrency(config: Config, settings: SearchSettings, driver: dict[str, float]) -> int:
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
     resources = ray.cluster_resources()
-    per_trial_cpu = config.scaling.num_workers * config.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
+    per_trial_cpu = config.scaling.num_workers * config.scaling.cpus_per_worker + driver["cpu"]
     fits = int(resources.get("CPU", 0) // per_trial_cpu)
     if config.scaling.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // config.scaling.num_workers))
@@ -296,7 +304,8 @@ def _concurrency(config: Config, settings: SearchSettings) -> int:
         raise ConfigError(
             f"one trial needs {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker} CPU "
             f"(+ GPU: {config.scaling.use_gpu}) but the cluster has {resources.get('CPU', 0)} CPUs and "
-            f"{resources.get('GPU', 0)} GPUs: lower scaling.num_workers or scaling.cpus_per_worker"
+            f"{resources.get('GPU', 0)} GPUs (trial drivers need {driver}): lower scaling.num_workers or "
+            f"scaling.cpus_per_worker, or give the cluster's nodes a '{TRIAL_DRIVER_RESOURCE}' resource"
         )
     return fits
 
@@ -331,6 +340,8 @@ def run_search(
             f"search '{name}' already exists in {storage}: add --resume to continue it, or pick a new --name"
         )
 
+    driver = _driver_resources()
+    concurrency = _concurrency(config, search.settings, driver)
     parent_params = {
         **{f"search.{k}": v for k, v in search.settings.model_dump().items()},
         **{f"asha.{k}": v for k, v in search.asha.model_dump().items()},
@@ -345,7 +356,6 @@ def run_search(
         config_toml=to_toml(original) + "\n# search\n" + search.text,
         tags={"advtrain.kind": "search"},
     )
-    concurrency = _concurrency(config, search.settings)
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -354,7 +364,7 @@ def run_search(
             parent_run_id=parent_run_id,
             clean_weight=search.settings.clean_weight,
         ),
-        {"cpu": TRIAL_DRIVER_CPU},
+        driver,
     )
     space = param_space(search)
     log.info("search %s: %d concurrent trial(s), MLflow parent run %s", name, concurrency, parent_run_id)
@@ -373,7 +383,9 @@ def run_search(
                 param_space=space,
                 tune_config=tune.TuneConfig(
                     num_samples=search.settings.num_samples,
-                    max_concurrent_trials=concurrency,
+                    # The limit lives in the search algorithm: Tune applies max_concurrent_trials only to
+                    # Searchers, and silently not to a BasicVariantGenerator passed in.
+                    max_concurrent_trials=None,
                     scheduler=_scheduler(config, search),
                     search_alg=_search_alg(search, concurrency),
                 ),
@@ -413,7 +425,9 @@ def _scheduler(config: Config, search: Search):
         time_attr="training_iteration",
         metric="objective",
         mode="max",
-        max_t=config.run.epochs,
+        # One more than the epochs: at max_t ASHA stops every trial, which would kill a trial at its last
+        # report, before its run logs the model.
+        max_t=config.run.epochs + 1,
         grace_period=min(search.asha.grace_period, config.run.epochs),
         reduction_factor=search.asha.reduction_factor,
     )
@@ -429,7 +443,7 @@ def _search_alg(search: Search, concurrency: int):
         )
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=search.settings.seed)
+    return BasicVariantGenerator(random_state=search.settings.seed, max_concurrent=concurrency)
 
 
 def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id: str, uri: str) -> SearchSummary:
@@ -439,13 +453,17 @@ def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id
         trial_id = metrics.get("trial_id") or Path(result.path).name
         params = {k: result.config[k] for k in search.space if k in result.config}
         epochs_run = int(metrics.get("training_iteration", 0) or 0)
+        run_name = f"{name}-{trial_id}"
+        run_id = tracking.find_run(uri, config.tracking.experiment, run_name)
+        # Completed = the trial's training run got to its end (test metrics, model logged): run_training
+        # closes its MLflow run then. ASHA may stop a trial at any rung, even at its last epoch.
+        finished = run_id is not None and tracking.client_for(uri).get_run(run_id).info.status == "FINISHED"
         if result.error is not None:
             status = f"error: {str(result.error).strip().splitlines()[-1][:200]}"
-        elif epochs_run < config.run.epochs:
-            status = f"stopped by ASHA after epoch {epochs_run}"
-        else:
+        elif finished:
             status = "completed"
-        run_name = f"{name}-{trial_id}"
+        else:
+            status = f"stopped by ASHA after epoch {epochs_run}"
         row = TrialRow(
             trial_id=trial_id,
             run_name=run_name,
@@ -455,7 +473,7 @@ def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id
             objective=metrics.get("objective"),
             epochs_run=epochs_run,
             status=status,
-            mlflow_run_id=tracking.find_run(uri, config.tracking.experiment, run_name),
+            mlflow_run_id=run_id,
         )
         summary.rows.append(row)
         if row.mlflow_run_id:

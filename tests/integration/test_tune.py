@@ -1,0 +1,158 @@
+"""Ray Tune searches on the shared local Ray instance (2 CPUs), tracked on a real `mlflow server`:
+trials are distributed runs, ASHA stops weak ones, MLflow holds a parent and one child per trial, the
+best config trains as is, and an interrupted search resumes without re-running finished trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.tracking import client_for, metric_history
+from pipeline.train import run_training
+from pipeline.tune import load_search, run_search
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 4
+
+SEARCH = """
+[search]
+num_samples = 4
+seed = {seed}
+
+[asha]
+grace_period = 1
+reduction_factor = 2
+
+[space]
+"attack.num_steps" = {{ choice = [1, 5] }}
+"optim.lr" = {{ loguniform = [1e-4, 3e-3] }}
+"method.name" = {{ choice = ["pgd_at", "trades"] }}
+"""
+
+
+def _overrides(digits_path, tmp_path, mlflow_uri, experiment):
+    return [
+        f'data.path="{digits_path}"',
+        f'run.storage_path="{tmp_path / "runs"}"',
+        f'tracking.uri="{mlflow_uri}"',
+        f'tracking.experiment="{experiment}"',
+        'tracking.registered_model="digits-tuned"',
+        f"run.epochs={EPOCHS}",
+        "schedule.eps_ramp_epochs=1",
+        "validation.num_examples=128",
+    ]
+
+
+def _children(mlflow_uri, experiment, parent_run_id):
+    client = client_for(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_search_runs_trials_stops_weak_ones_and_writes_a_best_config_that_trains(
+    ray_address, digits_path, mlflow_server, tmp_path
+):
+    overrides = _overrides(digits_path, tmp_path, mlflow_server, "tune-it")
+    config = load_config(ROOT / "jobs/configs/digits_demo.toml", overrides)
+    search_file = tmp_path / "search.toml"
+    search_file.write_text(SEARCH.format(seed=0))
+    summary = run_search(config, load_search(search_file, config), name="tune-it-search", cwd=tmp_path)
+
+    assert len(summary.rows) == 4
+    assert any(r.status.startswith("stopped by ASHA") for r in summary.rows), [r.status for r in summary.rows]
+    assert any(r.status == "completed" for r in summary.rows)
+    stopped = [r for r in summary.rows if r.status.startswith("stopped")]
+    assert all(r.epochs_run < EPOCHS for r in stopped)
+
+    client = client_for(mlflow_server)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["advtrain.kind"] == "search"
+    children = _children(mlflow_server, "tune-it", summary.parent_run_id)
+    assert sorted(c.info.run_name for c in children) == sorted(r.run_name for r in summary.rows)
+    for row in summary.rows:
+        child = next(c for c in children if c.info.run_name == row.run_name)
+        for key, value in row.params.items():
+            assert child.data.params[key] == str(value), (key, child.data.params[key], value)
+        assert child.data.tags["advtrain.stop_reason"] == row.status
+        assert child.info.status == ("FINISHED" if row.status == "completed" else "KILLED")
+        epochs = [s for s, _ in metric_history(mlflow_server, child.info.run_id, "val/robust_acc")]
+        assert epochs == list(range(1, row.epochs_run + 1)), "one value per epoch, as many as the trial ran"
+    artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id, "search")}
+    assert {"search/best_config.toml", "search/clean_vs_robust.png", "search/trials.json"} <= artifacts
+
+    # The best config is a run file: it loads, carries the best trial's values and trains as is.
+    best = load_config(summary.best_config_path)
+    for key, value in summary.best.params.items():
+        table, name = key.split(".")
+        assert getattr(getattr(best, table), name) == value
+    assert best.run.name == "" and best.tracking.registered_model == "digits-tuned"
+    retrained = run_training(best.model_copy(update={"run": best.run.model_copy(update={"epochs": 1})}), cwd=tmp_path)
+    assert retrained.model_version is not None and retrained.epochs == 1
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(
+    ray_address, digits_path, mlflow_server, tmp_path
+):
+    experiment = "tune-resume"
+    overrides = [*_overrides(digits_path, tmp_path, mlflow_server, experiment), "run.epochs=2"]
+    search_file = tmp_path / "search.toml"
+    search_file.write_text(SEARCH.format(seed=1).replace("[asha]", "[asha]\nenabled = false"))
+    name = "tune-resume-search"
+    command = [
+        str(Path(sys.executable).with_name("advtrain")),
+        "tune",
+        "--config",
+        str(ROOT / "jobs/configs/digits_demo.toml"),
+        "--search",
+        str(search_file),
+        "--name",
+        name,
+        "--ray-address",
+        ray_address,
+        *[arg for o in overrides for arg in ("--set", o)],
+    ]
+    log = open(tmp_path / "search.log", "w")  # noqa: SIM115 - closed below
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = client_for(mlflow_server)
+    finished_before: dict[str, int] = {}
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            assert driver.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
+            exp = client.get_experiment_by_name(experiment)
+            if exp is not None:
+                runs = client.search_runs([exp.experiment_id], filter_string="tags.`advtrain.search` = '" + name + "'")
+                finished = {r.info.run_name: r.info.start_time for r in runs if r.info.status == "FINISHED"}
+                if len(finished) >= 2:
+                    finished_before = finished
+                    break
+            time.sleep(2)
+        assert len(finished_before) >= 2, "two trials should finish within the deadline"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-search, as with a lost head node
+        driver.wait()
+        log.close()
+
+    config = load_config(ROOT / "jobs/configs/digits_demo.toml", overrides)
+    summary = run_search(config, load_search(search_file, config), name=name, resume=True, cwd=tmp_path)
+    assert len(summary.rows) == 4 and all(r.status == "completed" for r in summary.rows), summary.rows
+    runs = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id], filter_string=f"tags.`advtrain.search` = '{name}'"
+    )
+    names = [r.info.run_name for r in runs]
+    assert sorted(names) == sorted({r.run_name for r in summary.rows}), "exactly one MLflow child run per trial"
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == summary.parent_run_id
+        steps = [s for s, _ in metric_history(mlflow_server, run.info.run_id, "train/loss")]
+        assert steps == [1, 2], (run.info.run_name, steps)
+        if run.info.run_name in finished_before:
+            # Not re-run: the same run, started when it first ran, its model logged once.
+            assert run.info.start_time == finished_before[run.info.run_name]
