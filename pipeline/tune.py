@@ -346,7 +346,6 @@ def run_search(
         **{f"search.{k}": v for k, v in search.settings.model_dump().items()},
         **{f"asha.{k}": v for k, v in search.asha.model_dump().items()},
         **{f"space.{k}": json.dumps({d: a}) for k, (d, a) in search.space.items()},
-        "base_config": config_name,
     }
     parent_run_id, _ = tracking.start_or_resume_run(
         uri,
@@ -452,9 +451,12 @@ def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         params = {k: result.config[k] for k in search.space if k in result.config}
-        epochs_run = int(metrics.get("training_iteration", 0) or 0)
         run_name = f"{name}-{trial_id}"
         run_id = tracking.find_run(uri, config.tracking.experiment, run_name)
+        # Epochs trained = epochs its run logged (each after its checkpoint committed); Tune's own count
+        # can be one short, as a stopped trial's workers may finish the epoch they were in.
+        logged = tracking.metric_history(uri, run_id, "train/loss") if run_id else []
+        epochs_run = len(logged) or int(metrics.get("training_iteration", 0) or 0)
         # Completed = the trial's training run got to its end (test metrics, model logged): run_training
         # closes its MLflow run then. ASHA may stop a trial at any rung, even at its last epoch.
         finished = run_id is not None and tracking.client_for(uri).get_run(run_id).info.status == "FINISHED"

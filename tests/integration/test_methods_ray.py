@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 # Per method: the overrides of the digits recipe that make it that method (few epochs: a test, not a recipe).
+# pgd_at against standard training is tests/integration/test_train_ray.py (20 epochs, by 30 points).
 METHOD_OVERRIDES = {
-    "pgd_at": [],
     "fgsm_rs": ['attack.name="fgsm"', "attack.num_steps=1", "attack.step_size_factor=1.25"],
     "free_at": ['attack.name="fgsm"', "attack.num_steps=1", "attack.step_size_factor=1.0", "method.replays=4"],
     "trades": ["attack.num_steps=5", "method.beta=6.0"],
