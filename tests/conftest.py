@@ -190,3 +190,25 @@ def _committed_epoch(run_dir: Path) -> int:
         return 0
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     return int(latest.get("metrics", {}).get("epoch", 0))
+
+
+@pytest.fixture(scope="session")
+def digits_recipe(digits_path, mlflow_server):
+    """A function: (tmp_path, *overrides, experiment=, registered_model=) -> the digits demo recipe as a
+    run config pointed at the session's digits data, a run folder under tmp_path and the MLflow server."""
+    from pipeline.config import load_config
+
+    def make(tmp_path, *overrides: str, experiment: str, registered_model: str = ""):
+        return load_config(
+            ROOT / "jobs/configs/digits_demo.toml",
+            [
+                f'data.path="{digits_path}"',
+                f'run.storage_path="{tmp_path / "runs"}"',
+                f'tracking.uri="{mlflow_server}"',
+                f'tracking.experiment="{experiment}"',
+                f'tracking.registered_model="{registered_model}"',
+                *overrides,
+            ],
+        )
+
+    return make

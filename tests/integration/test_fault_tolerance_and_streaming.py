@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.tracking import client_for
 from pipeline.train import run_training
 
@@ -18,29 +17,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(digits_path, tmp_path, mlflow_uri, *overrides):
-    return load_config(
-        ROOT / "jobs/configs/digits_demo.toml",
-        [
-            f'data.path="{digits_path}"',
-            f'run.storage_path="{tmp_path / "runs"}"',
-            f'tracking.uri="{mlflow_uri}"',
-            'tracking.experiment="integration-ft"',
-            'tracking.registered_model=""',
-            *overrides,
-        ],
-    )
+def _config(digits_recipe, tmp_path, *overrides):
+    return digits_recipe(tmp_path, *overrides, experiment="integration-ft")
 
 
 def test_killed_worker_is_restarted_and_resumes_from_checkpoint(
-    ray_address, digits_path, mlflow_server, tmp_path, committed_epoch
+    ray_address, digits_recipe, mlflow_server, tmp_path, committed_epoch
 ):
     from ray.util.state import list_actors
 
     config = _config(
-        digits_path,
+        digits_recipe,
         tmp_path,
-        mlflow_server,
         "run.epochs=5",
         'run.name="worker-dies"',
         "scaling.max_failures=1",
@@ -65,11 +53,9 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(
     assert summary.val_clean_acc > 0.5
 
 
-def test_ray_data_streaming_path_trains(ray_address, digits_path, mlflow_server, tmp_path):
+def test_ray_data_streaming_path_trains(ray_address, digits_recipe, mlflow_server, tmp_path):
     # Ray Data's read tasks need a CPU besides the two workers' (shared/NOTES): 0.5 CPU per worker.
-    config = _config(
-        digits_path, tmp_path, mlflow_server, "run.epochs=6", 'data.loader="ray_data"', "scaling.cpus_per_worker=0.5"
-    )
+    config = _config(digits_recipe, tmp_path, "run.epochs=6", 'data.loader="ray_data"', "scaling.cpus_per_worker=0.5")
     summary = run_training(config, config_name="stream")
     client = client_for(mlflow_server)
     run = client.get_run(summary.mlflow_run_id)
@@ -79,9 +65,9 @@ def test_ray_data_streaming_path_trains(ray_address, digits_path, mlflow_server,
     assert summary.val_clean_acc > 0.5, summary
 
 
-def test_ray_data_refuses_a_cluster_without_spare_cpu(ray_address, digits_path, mlflow_server, tmp_path):
+def test_ray_data_refuses_a_cluster_without_spare_cpu(ray_address, digits_recipe, tmp_path):
     from pipeline.config import ConfigError
 
-    config = _config(digits_path, tmp_path, mlflow_server, 'data.loader="ray_data"')
+    config = _config(digits_recipe, tmp_path, 'data.loader="ray_data"')
     with pytest.raises(ConfigError, match=r"scaling\.cpus_per_worker"):
         run_training(config, config_name="stream")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.tracking import client_for, metric_history
 from pipeline.train import run_training
 
@@ -27,34 +26,29 @@ METHOD_OVERRIDES = {
 EPOCHS = 8
 
 
-def _config(digits_path, tmp_path, mlflow_uri, *overrides):
-    return load_config(
-        ROOT / "jobs/configs/digits_demo.toml",
-        [
-            f'data.path="{digits_path}"',
-            f'run.storage_path="{tmp_path / "runs"}"',
-            f'tracking.uri="{mlflow_uri}"',
-            'tracking.experiment="methods"',
-            'tracking.registered_model="digits-methods"',
-            f"run.epochs={EPOCHS}",
-            "schedule.eps_ramp_epochs=2",
-            "optim.lr=0.003",
-            *overrides,
-        ],
+def _config(digits_recipe, tmp_path, *overrides):
+    return digits_recipe(
+        tmp_path,
+        f"run.epochs={EPOCHS}",
+        "schedule.eps_ramp_epochs=2",
+        "optim.lr=0.003",
+        *overrides,
+        experiment="methods",
+        registered_model="digits-methods",
     )
 
 
 @pytest.fixture(scope="module")
-def standard_run(ray_address, digits_path, mlflow_server, tmp_path_factory):
+def standard_run(ray_address, digits_recipe, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("standard")
-    return run_training(_config(digits_path, tmp, mlflow_server, 'method.name="standard"'), config_name="std")
+    return run_training(_config(digits_recipe, tmp, 'method.name="standard"'), config_name="std")
 
 
 @pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
 def test_method_beats_standard_training_and_registers_its_best_epoch(
-    method, standard_run, digits_path, mlflow_server, tmp_path
+    method, standard_run, digits_recipe, mlflow_server, tmp_path
 ):
-    config = _config(digits_path, tmp_path, mlflow_server, f'method.name="{method}"', *METHOD_OVERRIDES[method])
+    config = _config(digits_recipe, tmp_path, f'method.name="{method}"', *METHOD_OVERRIDES[method])
     summary = run_training(config, config_name=method)
 
     assert summary.val_robust_acc >= standard_run.val_robust_acc + 0.15, (method, summary, standard_run)
@@ -74,7 +68,7 @@ def test_method_beats_standard_training_and_registers_its_best_epoch(
 
 
 def test_catastrophic_overfitting_guard_restores_falls_back_and_records(
-    digits_path, mlflow_server, tmp_path, ray_address
+    digits_recipe, mlflow_server, tmp_path, ray_address
 ):
     """Digits with small_cnn does not collapse under any FGSM setting tried (zero or random start, step
     1-4x eps, eps 0.2-0.3, see the note), so the guard is driven by a deliberately unstable run (FGSM
@@ -84,9 +78,8 @@ def test_catastrophic_overfitting_guard_restores_falls_back_and_records(
     recovered one."""
     epochs = 10
     config = _config(
-        digits_path,
+        digits_recipe,
         tmp_path,
-        mlflow_server,
         f"run.epochs={epochs}",
         "run.keep_best=false",
         'method.name="fgsm_rs"',

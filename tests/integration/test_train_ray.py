@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config, to_toml
+from pipeline.config import to_toml
 from pipeline.tracking import client_for
 from pipeline.train import run_training
 
@@ -29,27 +29,15 @@ PER_EPOCH_KEYS = [
 ]
 
 
-def _config(digits_path, tmp_path, mlflow_uri, *overrides):
-    return load_config(
-        ROOT / "jobs/configs/digits_demo.toml",
-        [
-            f'data.path="{digits_path}"',
-            f'run.storage_path="{tmp_path / "runs"}"',
-            f'tracking.uri="{mlflow_uri}"',
-            'tracking.experiment="integration"',
-            'tracking.registered_model="digits-it"',
-            *overrides,
-        ],
-    )
+def _config(digits_recipe, tmp_path, *overrides):
+    return digits_recipe(tmp_path, *overrides, experiment="integration", registered_model="digits-it")
 
 
 @pytest.fixture(scope="module")
-def trained(ray_address, digits_path, mlflow_server, tmp_path_factory):
+def trained(ray_address, digits_recipe, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    adversarial = run_training(_config(digits_path, tmp, mlflow_server, "run.epochs=20"), config_name="at")
-    standard = run_training(
-        _config(digits_path, tmp, mlflow_server, "run.epochs=8", 'method.name="standard"'), config_name="std"
-    )
+    adversarial = run_training(_config(digits_recipe, tmp, "run.epochs=20"), config_name="at")
+    standard = run_training(_config(digits_recipe, tmp, "run.epochs=8", 'method.name="standard"'), config_name="std")
     return adversarial, standard
 
 
@@ -133,9 +121,9 @@ def test_tampered_weights_are_refused(trained, tmp_path):
 
 
 def test_interrupted_run_resumes_with_one_value_per_epoch(
-    ray_address, digits_path, mlflow_server, tmp_path, committed_epoch
+    ray_address, digits_recipe, mlflow_server, tmp_path, committed_epoch
 ):
-    config = _config(digits_path, tmp_path, mlflow_server, "run.epochs=5", 'run.name="resume-me"', "data.batch_size=32")
+    config = _config(digits_recipe, tmp_path, "run.epochs=5", 'run.name="resume-me"', "data.batch_size=32")
     config_file = tmp_path / "resume.toml"
     config_file.write_text(to_toml(config))
     command = [
