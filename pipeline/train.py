@@ -342,8 +342,16 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             best = {"epoch": state["best_epoch"], "val_robust": state["best_val_robust"], "model": state["best_model"]}
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
+    # Where the ranks run (node ids, one per rank), recorded on the run: multi-node placement is visible
+    # in MLflow, and changes after a node loss show in the tag of the latest worker group.
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, node_ids[0])
+        node_ids = gathered
     already_logged = tracking.logged_epochs(uri, run_id, SENTINEL_METRIC) if rank == 0 else set()
     if rank == 0:
+        tracking.set_tags(uri, run_id, {"advtrain.worker_nodes": json.dumps(node_ids)})
         # Epochs whose checkpoint committed but whose metrics never reached MLflow (killed in between).
         for row in history:
             if row["epoch"] not in already_logged:
