@@ -57,6 +57,8 @@ fi
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
 export RAY_USAGE_STATS_ENABLED=0
+# Ray's default raylet start-up deadline is tight for a loaded 2-core machine.
+export RAY_raylet_start_wait_time_s=${RAY_raylet_start_wait_time_s:-120}
 # Job entrypoints say `python ...`: make it the environment's Python, the one with the dependencies.
 export PATH="$BIN:$PATH"
 
@@ -98,11 +100,12 @@ PY
 }
 wait_for 90 "the head node" alive_nodes 1
 
+# One node at a time: raylets starting together on a busy machine can miss Ray's start-up deadline.
 for ((i = 1; i <= WORKERS; i++)); do
   start "worker$i" "$BIN/ray" start --block --address="127.0.0.1:$PORT" $(node_ports "$i") \
     --num-cpus="$CPUS" --resources='{"trial_driver": 100}' --disable-usage-stats
+  wait_for 120 "worker node $i" alive_nodes $((i + 1))
 done
-wait_for 120 "$WORKERS worker node(s)" alive_nodes $((WORKERS + 1))
 
 TRACKING=""
 if [[ $MLFLOW == 1 ]]; then
