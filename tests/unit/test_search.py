@@ -63,3 +63,18 @@ def test_nested_space_tables_and_inclusive_randint(base):
 def test_pareto_front():
     points = [(0.9, 0.5), (0.8, 0.6), (0.7, 0.55), (0.9, 0.4), (0.95, 0.3)]
     assert pareto_front(points) == [True, True, False, False, True]
+
+
+def test_search_algorithms_are_built_with_the_concurrency_limit(base):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipeline.tune import _search_alg
+
+    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
+    optuna = _search_alg(parse_search({"search": {"algorithm": "optuna"}, "space": space}, base), 3)
+    assert isinstance(optuna, ConcurrencyLimiter) and isinstance(optuna.searcher, OptunaSearch)
+    assert optuna.max_concurrent == 3
+    basic = _search_alg(parse_search({"space": space}, base), 2)
+    assert isinstance(basic, BasicVariantGenerator) and basic.max_concurrent == 2
