@@ -646,6 +646,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # Loopback only: a local instance has no business on the machine's network interfaces. The
         # dashboard is what lets Ray free stopped runs' placement groups (shared/NOTES).
         ray.init(
+            # "local": a new instance even when a `ray start` cluster on this machine (or a stale pointer
+            # to one in /tmp/ray) exists; clusters are joined only through an explicit address.
+            address="local",
             num_cpus=num_cpus,
             # Tune trial drivers hold this instead of a CPU (pipeline/tune.py): a trial that only waits on
             # its TorchTrainer must not take a CPU its own workers need.

@@ -117,6 +117,7 @@ if [[ $MLFLOW == 1 ]]; then
   wait_for 90 "the MLflow server" "$BIN/python" -c "import urllib.request; urllib.request.urlopen('$TRACKING/health', timeout=2)"
 fi
 
+echo "$PORT" > "$DIR/gcs_port"
 cat > "$DIR/env" <<ENV
 # source this file to use the cluster started from $DIR
 export RAY_AUTH_MODE=token

@@ -28,4 +28,9 @@ stop_group() {  # stop_group PGID NAME: SIGTERM, then SIGKILL what is left after
 tac "$DIR/pids" | while read -r pgid name; do
   if [[ -z "$NODE" || "$NODE" == "$name" ]]; then stop_group "$pgid" "$name"; fi
 done
-if [[ -z "$NODE" ]]; then : > "$DIR/pids"; fi
+if [[ -z "$NODE" ]]; then
+  : > "$DIR/pids"
+  # `ray start --head` leaves a pointer to its cluster that a later plain ray.init() would follow.
+  current=${RAY_TMPDIR:-/tmp}/ray/ray_current_cluster
+  if [[ -s "$DIR/gcs_port" && -f "$current" ]] && grep -q ":$(cat "$DIR/gcs_port")\$" "$current"; then rm -f "$current"; fi
+fi
