@@ -41,7 +41,7 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(
     while committed_epoch(tmp_path / "runs" / "worker-dies") < 2:
         assert time.time() < deadline and thread.is_alive(), outcome
         time.sleep(0.1)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     os.kill(int(workers[-1].pid), signal.SIGKILL)
     thread.join(timeout=600)
