@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.attacks import get_attack
+from pipeline.attacks.pgd import _per_example_norm
 from pipeline.config import AttackConfig
 from pipeline.schedules import step_size
 
@@ -165,10 +166,8 @@ def free_at(model, attack_model, x, y, *, attack, eps, attack_mode, generator=No
                 stepped = pending + perturbation["step"] * grad.sign()
                 stepped = stepped.clamp(-eps, eps)
             else:
-                norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-                stepped = pending + perturbation["step"] * grad / norms
-                radius = stepped.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(norms)
-                stepped = stepped * (eps / radius).clamp(max=1.0)
+                stepped = pending + perturbation["step"] * grad / _per_example_norm(grad)
+                stepped = stepped * (eps / _per_example_norm(stepped)).clamp(max=1.0)
             delta[: len(stepped)] = stepped
     if delta is None or delta.shape[1:] != x.shape[1:] or len(delta) < len(x):
         delta = torch.zeros_like(x)

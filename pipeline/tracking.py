@@ -286,31 +286,30 @@ def _log_and_register(
             )
     result: dict[str, Any] = {"weights_sha256": digest, "model_uri": info.model_uri, "version": None}
     if registered_model:
-        tags = {**{k: str(v) for k, v in version_tags.items()}, "weights_sha256": digest}
-        # register_model (not create_model_version) links the version to the logged model's id,
-        # which a tracking server requires for a models:/m-... source.
-        version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
-        result["version"] = int(version.version)
-        if alias:
-            client_for(uri).set_registered_model_alias(registered_model, alias, str(version.version))
+        result["version"] = _register(uri, info.model_uri, registered_model, version_tags, digest, alias)
     return result
+
+
+def _register(uri: str, model_uri: str, name: str, tags: dict[str, Any], digest: str, alias: str) -> int:
+    """A new version of `name` from a logged model (global URIs already set), tagged with its weights'
+    digest, and the alias moved to it."""
+    # register_model (not create_model_version) links the version to the logged model's id,
+    # which a tracking server requires for a models:/m-... source.
+    version = mlflow.register_model(
+        model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, "weights_sha256": digest}
+    )
+    if alias:
+        client_for(uri).set_registered_model_alias(name, alias, str(version.version))
+    return int(version.version)
 
 
 def register_run_model(
     uri: str, run_id: str, *, registered_model: str, alias: str = "", tags: dict[str, Any] | None = None
 ) -> int:
     """Register the model a run logged (`runs:/ID/model`) as a new version, with the run's weights digest."""
-    client = client_for(uri)
-    digest = client.get_run(run_id).data.tags.get("advtrain.weights_sha256", "")
+    digest = client_for(uri).get_run(run_id).data.tags.get("advtrain.weights_sha256", "")
     with _global_uris(uri):
-        version = mlflow.register_model(
-            f"runs:/{run_id}/model",
-            registered_model,
-            tags={**{k: str(v) for k, v in (tags or {}).items()}, "weights_sha256": digest},
-        )
-    if alias:
-        client.set_registered_model_alias(registered_model, alias, str(version.version))
-    return int(version.version)
+        return _register(uri, f"runs:/{run_id}/model", registered_model, tags or {}, digest, alias)
 
 
 @dataclass(frozen=True)

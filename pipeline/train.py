@@ -78,6 +78,14 @@ def _fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.LocalFileSystem(), uri
 
 
+def absolute_locations(config: Config, base: Path) -> tuple[Path, str]:
+    """(data path, storage URI) resolved against `base`: Ray processes run in other working folders."""
+    data_path = Path(config.data.path)
+    data_path = data_path if data_path.is_absolute() else (base / data_path).resolve()
+    storage = config.run.storage_path
+    return data_path, _storage_uri(storage if "://" in storage else str(base / storage))
+
+
 def _run_state(storage: str, name: str) -> str:
     """'new', 'resumable' (has checkpoints) or 'finished'."""
     fs, base = _fs_and_path(storage)
@@ -124,12 +132,8 @@ def run_training(
     """
     started = time.perf_counter()
     base = Path(cwd or Path.cwd())
-    data_path = Path(config.data.path)
-    data_path = data_path if data_path.is_absolute() else (base / data_path).resolve()
+    data_path, storage = absolute_locations(config, base)
     info = data_lib.validate_dataset(data_path)
-    storage = _storage_uri(
-        config.run.storage_path if "://" in config.run.storage_path else str(base / config.run.storage_path)
-    )
     name = resume or config.run.name or unique_run_name(config_name)
     state = _run_state(storage, name)
     if state == "finished":
@@ -252,13 +256,14 @@ def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, folder / STATE_FILE)
 
 
-def _snapshot(model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """An in-memory copy of the training state (CPU tensors): the last good epoch to go back to."""
-    return {
-        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "scheduler": copy.deepcopy(scheduler.state_dict()),
-    }
+def _snapshot(model: torch.nn.Module, optimizer, scheduler, *, full: bool) -> dict[str, Any]:
+    """An in-memory copy of the weights (CPU tensors; the best epoch's candidate) and, when `full`
+    (the catastrophic-overfitting guard may go back to it), of the optimizer and LR-schedule state."""
+    snapshot: dict[str, Any] = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+    if full:
+        snapshot["optimizer"] = copy.deepcopy(optimizer.state_dict())
+        snapshot["scheduler"] = copy.deepcopy(scheduler.state_dict())
+    return snapshot
 
 
 def _restore(snapshot: dict[str, Any], model: torch.nn.Module, optimizer, scheduler) -> None:
@@ -358,7 +363,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
                 already_logged.add(row["epoch"])
     guarded = config.method.co_guard and config.method.name in SINGLE_STEP_METHODS
-    last_good = _snapshot(attack_model, optimizer, scheduler)
+    last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)
 
     attack = config.attack
     epoch = start_epoch
@@ -495,7 +500,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             "time/epoch_s": train["seconds"] + val_seconds,
         }
         history.append({"epoch": epoch, "metrics": metrics})
-        last_good = _snapshot(attack_model, optimizer, scheduler)
+        last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)
         if metrics["val/robust_acc"] > best["val_robust"]:
             best = {"epoch": epoch, "val_robust": metrics["val/robust_acc"], "model": last_good["model"]}
         if rank == 0:

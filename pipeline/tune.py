@@ -46,7 +46,7 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, _tables, _unknown, config_from_dict, to_toml
-from pipeline.train import TRIAL_DRIVER_RESOURCE, _storage_uri, run_training, unique_run_name
+from pipeline.train import TRIAL_DRIVER_RESOURCE, absolute_locations, run_training, unique_run_name
 
 log = logging.getLogger(__name__)
 
@@ -269,16 +269,11 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, pa
 
 def _absolute(config: Config, cwd: Path) -> Config:
     """Trial drivers run in Ray's working folders: every path and the tracking URI made absolute."""
-    data = Path(config.data.path)
-    storage = config.run.storage_path
+    data_path, storage = absolute_locations(config, cwd)
     return config.model_copy(
         update={
-            "data": config.data.model_copy(
-                update={"path": str(data if data.is_absolute() else (cwd / data).resolve())}
-            ),
-            "run": config.run.model_copy(
-                update={"storage_path": _storage_uri(storage if "://" in storage else str(cwd / storage))}
-            ),
+            "data": config.data.model_copy(update={"path": str(data_path)}),
+            "run": config.run.model_copy(update={"storage_path": storage}),
             "tracking": config.tracking.model_copy(
                 update={"uri": tracking.resolve_tracking_uri(config.tracking.uri, cwd=cwd), "registered_model": ""}
             ),
@@ -447,6 +442,7 @@ def _search_alg(search: Search, concurrency: int):
 
 def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id: str, uri: str) -> SearchSummary:
     summary = SearchSummary(name=name, parent_run_id=parent_run_id, tracking_uri=uri)
+    best_score: dict[str, float] = {}  # trial -> its best epoch's objective (the epoch its run registers)
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
@@ -455,8 +451,8 @@ def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id
         run_id = tracking.find_run(uri, config.tracking.experiment, run_name)
         # Epochs trained = epochs its run logged (each after its checkpoint committed); Tune's own count
         # can be one short, as a stopped trial's workers may finish the epoch they were in.
-        logged = tracking.metric_history(uri, run_id, "train/loss") if run_id else []
-        epochs_run = len(logged) or int(metrics.get("training_iteration", 0) or 0)
+        objective_history = tracking.metric_history(uri, run_id, "objective") if run_id else []
+        epochs_run = len(objective_history) or int(metrics.get("training_iteration", 0) or 0)
         # Completed = the trial's training run got to its end (test metrics, model logged): run_training
         # closes its MLflow run then. ASHA may stop a trial at any rung, even at its last epoch.
         finished = run_id is not None and tracking.client_for(uri).get_run(run_id).info.status == "FINISHED"
@@ -478,21 +474,17 @@ def _summarise(grid, config: Config, search: Search, *, name: str, parent_run_id
             mlflow_run_id=run_id,
         )
         summary.rows.append(row)
+        if objective_history and result.error is None:
+            best_score[trial_id] = max(v for _, v in objective_history)
         if row.mlflow_run_id:
             tracking.set_tags(uri, row.mlflow_run_id, {"advtrain.stop_reason": status})
             if status != "completed":
                 tracking.end_run(uri, row.mlflow_run_id, status="FAILED" if status.startswith("error") else "KILLED")
     summary.rows.sort(key=lambda r: r.trial_id)
     # Best by the objective at the trial's registered epoch (its best): the max reported objective.
-    scored = [r for r in summary.rows if r.mlflow_run_id and not r.status.startswith("error")]
-    best_score: dict[str, float] = {}
-    for row in scored:
-        history = tracking.metric_history(uri, row.mlflow_run_id, "objective")
-        if history:
-            best_score[row.trial_id] = max(v for _, v in history)
+    scored = [r for r in summary.rows if r.trial_id in best_score]
     if best_score:
-        completed = [r for r in scored if r.status == "completed" and r.trial_id in best_score]
-        pool = completed or [r for r in scored if r.trial_id in best_score]
+        pool = [r for r in scored if r.status == "completed"] or scored
         summary.best = max(pool, key=lambda r: (best_score[r.trial_id], r.trial_id))
         summary.best_objective = best_score[summary.best.trial_id]
     return summary
