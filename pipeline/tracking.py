@@ -409,6 +409,10 @@ def _aliases(client: MlflowClient, name: str) -> list[str]:
         raise TrackingError(f"no registered model named '{name}'") from None
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(client_for(uri).get_run(run_id).data.tags)
+
+
 def run_params(uri: str, run_id: str) -> dict[str, str]:
     return dict(client_for(uri).get_run(run_id).data.params)
 

@@ -44,6 +44,7 @@ FINISHED_MARKER = "advtrain_finished.json"
 SENTINEL_METRIC = "train/loss"
 PROBE_EXAMPLES = 128
 TRIAL_DRIVER_RESOURCE = "trial_driver"
+RESTARTS_TAG = "advtrain.restarts"
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def run_training(
     parent MLflow run, Tune's report callback and the objective's clean-accuracy weight (every epoch
     reports `objective = val robust + weight * val clean`).
     """
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     base = Path(cwd or Path.cwd())
     data_path, storage = absolute_locations(config, base)
     info = data_lib.validate_dataset(data_path)
@@ -176,6 +177,7 @@ def run_training(
         "run_id": run_id,
         "dataset_source": info.source,
         "objective_clean_weight": objective_clean_weight,
+        "driver_started_unix": started_unix,
     }
     datasets = None
     if loader == "ray_data":
@@ -298,6 +300,7 @@ def _quiet_report_logging() -> None:
 
 def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker. Returns rank 0's summary (the driver reads result.return_value)."""
+    entered = time.time()
     config = Config.model_validate(ctx["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -357,6 +360,12 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     already_logged = tracking.logged_epochs(uri, run_id, SENTINEL_METRIC) if rank == 0 else set()
     if rank == 0:
         tracking.set_tags(uri, run_id, {"advtrain.worker_nodes": json.dumps(node_ids)})
+        if checkpoint is not None:
+            # Every restart (a replaced worker group or a resubmission) is on the run: when, from which
+            # epoch, on which nodes. Operators read recovery times from it; tests assert the epoch.
+            restarts = json.loads(tracking.run_tags(uri, run_id).get(RESTARTS_TAG, "[]"))
+            restarts.append({"from_epoch": start_epoch - 1, "unix_time": time.time(), "worker_nodes": node_ids})
+            tracking.record_event(uri, run_id, RESTARTS_TAG, restarts, epoch=start_epoch - 1, metrics={})
         # Epochs whose checkpoint committed but whose metrics never reached MLflow (killed in between).
         for row in history:
             if row["epoch"] not in already_logged:
@@ -367,6 +376,14 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
 
     attack = config.attack
     epoch = start_epoch
+    # Start-up cost, logged with the first epoch of a fresh run: driver start -> this function (MLflow
+    # run, Train controller, placement group, worker processes, imports, process group), then this
+    # function -> the first step (data, model, DDP wrapping, MLflow tags).
+    startup = (
+        {"time/to_worker_s": entered - ctx["driver_started_unix"], "time/worker_setup_s": time.time() - entered}
+        if checkpoint is None and "driver_started_unix" in ctx
+        else {}
+    )
     while epoch <= config.run.epochs:
         # Per-epoch, per-rank seeds: a resumed epoch sees the same data order and random starts.
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
@@ -498,6 +515,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             "time/train_s": train["seconds"],
             "time/val_s": val_seconds,
             "time/epoch_s": train["seconds"] + val_seconds,
+            **(startup if epoch == 1 else {}),
         }
         history.append({"epoch": epoch, "metrics": metrics})
         last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)

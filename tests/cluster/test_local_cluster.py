@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -82,24 +83,28 @@ def test_token_auth_refuses_unauthenticated_jobs_requests(cluster):
         assert response.status == 200 and isinstance(json.loads(response.read()), list)
 
 
-def test_submitted_training_job_spans_two_nodes_and_registers_the_model(cluster):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from pipeline.tracking import client_for
+def _jobs_client(cluster):
+    from ray.job_submission import JobSubmissionClient
 
     # A new process would read RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH (what `source DIR/env` sets); this one
     # already has Ray's auth settings loaded, so it passes the token the way any HTTP client can.
-    client = JobSubmissionClient(cluster["jobs"], headers={"Authorization": f"Bearer {cluster['token']}"})
-    storage = cluster["dir"] / "runs"
+    return JobSubmissionClient(cluster["jobs"], headers={"Authorization": f"Bearer {cluster['token']}"})
+
+
+def _submit_training(cluster, run_name: str, *overrides: str) -> str:
+    """Submit jobs/train.py (the digits demo recipe with `overrides`) through the Jobs API; the job id."""
+    sets = [
+        f'data.path="{cluster["digits"]}"',
+        f'run.storage_path="{cluster["dir"] / "runs"}"',
+        f'run.name="{run_name}"',
+        *overrides,
+    ]
     # Code by path, not working_dir: the nodes of a one-machine cluster share Ray's session folder, and
     # one node's runtime-env agent deletes an uploaded working_dir that another node's driver still
     # runs in (seen here). A real cluster has a disk per node; there, jobs/runtime_env.yaml ships it.
-    job = client.submit_job(
-        entrypoint=(
-            f"python {ROOT}/jobs/train.py --config {ROOT}/jobs/configs/digits_demo.toml --set run.epochs=3 "
-            f"--set 'data.path=\"{cluster['digits']}\"' --set 'run.storage_path=\"{storage}\"' "
-            "--set 'run.name=\"on-the-cluster\"' --set 'tracking.registered_model=\"digits-cluster\"'"
-        ),
+    return _jobs_client(cluster).submit_job(
+        entrypoint=f"python {ROOT}/jobs/train.py --config {ROOT}/jobs/configs/digits_demo.toml "
+        + " ".join(f"--set '{item}'" for item in sets),
         runtime_env={
             "env_vars": {
                 "PYTHONPATH": str(ROOT),
@@ -108,22 +113,172 @@ def test_submitted_training_job_spans_two_nodes_and_registers_the_model(cluster)
             },
         },
     )
-    deadline = time.monotonic() + 480
+
+
+def _wait_for_job(cluster, job: str, timeout: float = 480):
+    from ray.job_submission import JobStatus
+
+    client = _jobs_client(cluster)
+    deadline = time.monotonic() + timeout
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "run on-the-cluster finished" in logs
+        time.sleep(1)
+    return status, client.get_job_logs(job)
+
+
+def _wait_for_epoch(cluster, job: str, run_name: str, epoch: int, committed_epoch) -> int:
+    """Block until the run has committed a checkpoint of `epoch` or later; that epoch."""
+    from ray.job_submission import JobStatus
+
+    client = _jobs_client(cluster)
+    deadline = time.monotonic() + 300
+    while (reached := committed_epoch(cluster["dir"] / "runs" / run_name)) < epoch:
+        assert client.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job)[-3000:]
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(0.2)
+    return reached
+
+
+def _node_groups(cluster) -> dict[str, int]:
+    """Node (or server) name -> the process group start_cluster.sh recorded for it in DIR/pids."""
+    lines = (cluster["dir"] / "pids").read_text().splitlines()
+    return {name: int(pgid) for pgid, name in (line.split() for line in lines)}
+
+
+def _train_workers(cluster) -> list[tuple[int, str]]:
+    """(pid, node name) of every live Ray Train worker process of this cluster, read from /proc: a
+    process belongs to the node whose recorded `ray start` process (DIR/pids) it descends from."""
+    groups = {pid: name for name, pid in _node_groups(cluster).items()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                continue
+        except OSError:
+            continue
+        pid = int(entry.name)
+        while pid > 1 and pid not in groups:
+            try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'
+                pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pid = 0
+        if pid in groups:
+            found.append((int(entry.name), groups[pid]))
+    return found
+
+
+def _wait_for_workers(cluster, count: int, *, excluding: set[int] = frozenset()) -> list[tuple[int, str]]:
+    deadline = time.monotonic() + 120
+    while len(workers := [w for w in _train_workers(cluster) if w[0] not in excluding]) < count:
+        assert time.monotonic() < deadline, f"{count} Ray Train workers never showed up: {workers}"
+        time.sleep(0.2)
+    return workers
+
+
+def _run_of(cluster, run_name: str):
+    from pipeline.tracking import client_for
 
     mlflow = client_for(cluster["tracking"])
-    run = mlflow.search_runs(
+    runs = mlflow.search_runs(
         [mlflow.get_experiment_by_name("advtrain-demo").experiment_id],
-        filter_string="tags.`advtrain.run_name` = 'on-the-cluster'",
-    )[0]
-    nodes = json.loads(run.data.tags["advtrain.worker_nodes"])
-    assert len(nodes) == 2 and len(set(nodes)) == 2, "each 1-CPU node fits one worker: two nodes"
-    assert run.info.status == "FINISHED"
-    versions = mlflow.search_model_versions("name = 'digits-cluster'")
+        filter_string=f"tags.`advtrain.run_name` = '{run_name}'",
+    )
+    assert len(runs) == 1, f"one MLflow run per run name, got {len(runs)}"
+    return mlflow, runs[0]
+
+
+def _assert_recovered(cluster, run_name: str, logs: str, *, epochs: int, killed_at_epoch: int) -> float:
+    """The run finished after exactly one restart from the checkpoint that was committed when the
+    failure happened, with one MLflow value per epoch per metric and its model registered; returns
+    the time the restart logged (unix seconds)."""
+    mlflow, run = _run_of(cluster, run_name)
+    assert run.info.status == "FINISHED", logs[-3000:]
+    restarts = json.loads(run.data.tags["advtrain.restarts"])
+    assert len(restarts) == 1, restarts
+    # Rank 0 may commit one more epoch between the kill and the failure reaching the controller.
+    assert killed_at_epoch <= restarts[0]["from_epoch"] <= killed_at_epoch + 1 < epochs, restarts
+    assert f"resuming from the checkpoint of epoch {restarts[0]['from_epoch']}" in logs
+    for key in ("train/loss", "val/robust_acc", "val/clean_acc", "time/epoch_s"):
+        steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+    versions = mlflow.search_model_versions(f"name = '{run_name}'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-    assert os.path.isdir(storage / "on-the-cluster")
+    return restarts[0]["unix_time"]
+
+
+def test_submitted_job_spans_two_nodes_survives_a_killed_worker_and_registers_the_model(cluster, committed_epoch):
+    """One job for two claims (each job costs CI half a minute): the run's workers sit on two nodes and
+    the model lands in the cluster's registry, and a worker process killed mid-run (SIGKILL, by PID)
+    costs a restart from the last checkpoint, not the run."""
+    from ray.job_submission import JobStatus
+
+    epochs, name = 8, "on-the-cluster"
+    job = _submit_training(
+        cluster, name, f"run.epochs={epochs}", "scaling.max_failures=1", f'tracking.registered_model="{name}"'
+    )
+    killed_at_epoch = _wait_for_epoch(cluster, job, name, 2, committed_epoch)
+    workers = _wait_for_workers(cluster, 2)
+    assert len({node for _, node in workers}) == 2, f"each 1-CPU node fits one worker: two nodes, got {workers}"
+    pid, node = workers[-1]
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    status, logs = _wait_for_job(cluster, job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert f"run {name} finished" in logs
+    resumed_at = _assert_recovered(cluster, name, logs, epochs=epochs, killed_at_epoch=killed_at_epoch)
+
+    _, run = _run_of(cluster, name)
+    nodes = json.loads(run.data.tags["advtrain.worker_nodes"])
+    assert len(nodes) == 2 and len(set(nodes)) == 2, "the restarted group spans two nodes too"
+    assert os.path.isdir(cluster["dir"] / "runs" / name)
+    print(f"\nworker process killed on {node}: training resumed {resumed_at - killed_at:.1f} s later")
+
+
+def test_more_failures_than_max_failures_fail_the_job_and_register_nothing(cluster, committed_epoch):
+    from ray.job_submission import JobStatus
+
+    epochs, name = 12, "fails-twice"
+    job = _submit_training(
+        cluster, name, f"run.epochs={epochs}", "scaling.max_failures=1", f'tracking.registered_model="{name}"'
+    )
+    reached = _wait_for_epoch(cluster, job, name, 1, committed_epoch)
+    first = _wait_for_workers(cluster, 2)
+    os.kill(first[0][0], signal.SIGKILL)  # failure 1: within max_failures, the group restarts
+    # Failure 2 once the new group trains (a commit past the first failure): Ray Train counts a worker
+    # lost while a group is still starting as a start-up failure, not against max_failures.
+    _wait_for_epoch(cluster, job, name, reached + 2, committed_epoch)
+    second = _wait_for_workers(cluster, 2, excluding={pid for pid, _ in first})
+    os.kill(second[0][0], signal.SIGKILL)  # failure 2: one more than max_failures allows
+    status, logs = _wait_for_job(cluster, job)
+    assert status == JobStatus.FAILED, logs[-4000:]
+
+    mlflow, run = _run_of(cluster, name)
+    assert run.info.status == "FAILED"
+    assert mlflow.search_model_versions(f"name = '{name}'") == []
+    assert committed_epoch(cluster["dir"] / "runs" / name) < epochs
+
+
+# Last in this module: the cluster has one worker node less afterwards.
+def test_killed_worker_node_restarts_on_the_remaining_nodes(cluster, committed_epoch):
+    from ray.job_submission import JobStatus
+
+    epochs, name = 8, "node-killed"
+    job = _submit_training(
+        cluster, name, f"run.epochs={epochs}", "scaling.max_failures=1", f'tracking.registered_model="{name}"'
+    )
+    killed_at_epoch = _wait_for_epoch(cluster, job, name, 2, committed_epoch)
+    node = next(node for _, node in _wait_for_workers(cluster, 2) if node != "head")
+    os.killpg(_node_groups(cluster)[node], signal.SIGKILL)  # the node's `ray start`, raylet, agents and workers at once
+    killed_at = time.time()
+    status, logs = _wait_for_job(cluster, job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    resumed_at = _assert_recovered(cluster, name, logs, epochs=epochs, killed_at_epoch=killed_at_epoch)
+    _, run = _run_of(cluster, name)
+    before, after = (
+        json.loads(run.data.tags["advtrain.restarts"])[0]["worker_nodes"],
+        json.loads(run.data.tags["advtrain.worker_nodes"]),
+    )
+    assert before == after and len(after) == 2, "the tag holds the restarted group's placement"
+    print(f"\nworker node {node} killed: training resumed {resumed_at - killed_at:.1f} s later")

@@ -63,11 +63,18 @@ def test_search_runs_trials_stops_weak_ones_and_writes_a_best_config_that_trains
     overrides = _overrides(digits_path, tmp_path, mlflow_server, "tune-it")
     config = load_config(ROOT / "jobs/configs/digits_demo.toml", overrides)
     search_file = tmp_path / "search.toml"
-    search_file.write_text(SEARCH.format(seed=0))
+    # Grid order is trial order: two learnable LRs finish first, then two LRs too small to learn anything,
+    # whose objective (robust + 0.5 clean) trails at every rung, so ASHA's cut is certain, not luck.
+    search_file.write_text(
+        SEARCH.format(seed=0)
+        .replace("num_samples = 4", "num_samples = 1\nclean_weight = 0.5")
+        .replace('"optim.lr" = { loguniform = [1e-4, 3e-3] }', '"optim.lr" = { grid = [3e-3, 2e-3, 2e-7, 1e-7] }')
+    )
     summary = run_search(config, load_search(search_file, config), name="tune-it-search", cwd=tmp_path)
 
     assert len(summary.rows) == 4
-    assert any(r.status.startswith("stopped by ASHA") for r in summary.rows), [r.status for r in summary.rows]
+    stopped = {r.params["optim.lr"] for r in summary.rows if r.status.startswith("stopped by ASHA")}
+    assert stopped & {2e-7, 1e-7}, [(r.params, r.status) for r in summary.rows]
     assert any(r.status == "completed" for r in summary.rows)
     assert all(r.epochs_run == EPOCHS for r in summary.rows if r.status == "completed")
 
