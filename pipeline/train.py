@@ -107,8 +107,9 @@ def unique_run_name(prefix: str = "run") -> str:
 def choose_loader(config: Config, info: data_lib.DatasetInfo) -> str:
     if config.data.loader != "auto":
         return config.data.loader
-    # Measured (shared/NOTES): in-memory shards are 20-70x faster per epoch than Ray Data streaming on
-    # data that fits, so stream only what does not fit.
+    # Measured: in-memory shards are faster per epoch than Ray Data streaming on data that fits, 20-70x
+    # with plain steps (shared/NOTES), 1.16x with FGSM-RS steps (benchmarks/RESULTS.md), and streaming
+    # needs spare CPUs for its read tasks; so stream only what does not fit.
     size_mb = data_lib.train_bytes_as_float(info) / 2**20
     return "memory" if size_mb <= config.data.memory_limit_mb else "ray_data"
 

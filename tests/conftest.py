@@ -212,3 +212,23 @@ def digits_recipe(digits_path, mlflow_server):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def standard_baseline(ray_address, digits_recipe, tmp_path_factory):
+    """One standard-training run (8 epochs, 2 Ray workers, registered as digits-it) that every
+    'beats standard training' test compares against. It ships its last epoch: its best-robust epoch
+    would be an undertrained early one."""
+    from pipeline.train import run_training
+
+    config = digits_recipe(
+        tmp_path_factory.mktemp("standard"),
+        "run.epochs=8",
+        "schedule.eps_ramp_epochs=2",
+        "optim.lr=0.003",
+        'method.name="standard"',
+        "run.keep_best=false",
+        experiment="integration",
+        registered_model="digits-it",
+    )
+    return run_training(config, config_name="std")
