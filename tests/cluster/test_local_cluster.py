@@ -203,6 +203,9 @@ def _assert_recovered(cluster, run_name: str, logs: str, *, epochs: int, killed_
     for key in ("train/loss", "val/robust_acc", "val/clean_acc", "time/epoch_s"):
         steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+    for key in run.data.metrics:  # every metric, per-epoch or once per run: no step logged twice
+        steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
     versions = mlflow.search_model_versions(f"name = '{run_name}'")
     assert [v.run_id for v in versions] == [run.info.run_id]
     return restarts[0]["unix_time"]
