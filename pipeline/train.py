@@ -382,7 +382,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     # function -> the first step (data, model, DDP wrapping, MLflow tags).
     startup = (
         {"time/to_worker_s": entered - ctx["driver_started_unix"], "time/worker_setup_s": time.time() - entered}
-        if checkpoint is None and "driver_started_unix" in ctx
+        if checkpoint is None
         else {}
     )
     while epoch <= config.run.epochs:
