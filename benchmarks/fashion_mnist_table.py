@@ -61,19 +61,7 @@ def main() -> None:
         model = tracking.load_model(f"runs:/{run_id}/model", tracking_uri=uri).eval()
         started = time.perf_counter()
         clean = float((loop.predict(model, x_test, batch_size=500, device=device) == y_test).float().mean())
-        pgd20 = loop.clean_and_robust_correct(
-            model,
-            x_test,
-            y_test,
-            eps=eps,
-            norm=params["attack.norm"],
-            num_steps=20,
-            step_size_factor=2.5,
-            num_restarts=1,
-            batch_size=500,
-            device=device,
-            generator=torch.Generator().manual_seed(0),
-        )
+        pgd20 = loop.pgd20_correct(model, x_test, y_test, eps=eps, norm=params["attack.norm"], device=device)
         row = {
             "run": name,
             "method": params["method.name"],

@@ -2,7 +2,7 @@
 robust accuracy first reaches a target (default 70% on the first 1,000 validation examples, eps 0.1).
 
 Each recipe (jobs/configs/fashion_mnist_<name>.toml: its method, attack, eps ramp, LR schedule and
-epochs) trains in this process through the training loop Ray workers run (pipeline.loop.train_epoch),
+epochs) trains in this process through the training loop Ray workers run (pipeline.loop.fit_plain),
 one worker's worth of work with --threads threads, no Ray. Every --eval-every training steps the
 model is evaluated (PGD-20, step 2.5 eps / 20, one random start, fixed seed); evaluation time is not
 counted. A recipe stops at the target, at the end of its schedule, or at --budget-min of training.
@@ -28,8 +28,6 @@ import torch
 from pipeline import data as data_lib
 from pipeline import loop
 from pipeline.config import load_config
-from pipeline.methods import get_method
-from pipeline.methods import replays as method_replays
 from pipeline.models import architecture, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,67 +43,34 @@ def run_recipe(recipe: str, args: argparse.Namespace, x_val: torch.Tensor, y_val
         architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
     )
     device = torch.device("cpu")
-    optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-len(y) // config.data.batch_size)
-    replays = method_replays(config.method.name, config.method.replays)
-    scheduler = loop.make_scheduler(
-        optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch * replays
-    )
-    method = get_method(config.method.name, beta=config.method.beta)
     trace: list[dict] = []
     step_ms: list[float] = []
     train_s = 0.0
     steps = 0
-    for epoch in range(1, config.run.epochs + 1):
-        generator = torch.Generator().manual_seed(config.run.seed * 1_000_003 + epoch * 1009)
-        indices = data_lib.shard_indices(len(y), rank=0, world_size=1, epoch=epoch, seed=config.run.seed)
-        eps_for_step, attack = loop.epoch_schedule(config, epoch, steps_per_epoch=steps_per_epoch)
-        batches = list(loop.tensor_batches(x, y, indices, config.data.batch_size))
-        for offset in range(0, len(batches), args.eval_every):
-            for i, batch in enumerate(batches[offset : offset + args.eval_every]):
-                stats = loop.train_epoch(
-                    model,
-                    model,
-                    [batch],
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    method=method,
-                    attack=attack,
-                    eps_for_step=lambda _s, step=offset + i, eps_at=eps_for_step: eps_at(step),
-                    attack_mode=config.method.attack_mode,
-                    device=device,
-                    generator=generator,
-                    replays=replays,
-                )
-                train_s += stats["seconds"]
-                step_ms.append(1000 * stats["seconds"])
-                steps += 1
-            val = loop.clean_and_robust_correct(
-                model,
-                x_val,
-                y_val,
-                eps=config.attack.eps,
-                norm=config.attack.norm,
-                num_steps=20,
-                step_size_factor=2.5,
-                num_restarts=1,
-                batch_size=500,
-                device=device,
-                generator=torch.Generator().manual_seed(0),
-            )
-            point = {
-                "epoch": round(epoch - 1 + min(offset + args.eval_every, len(batches)) / len(batches), 3),
-                "steps": steps,
-                "train_s": round(train_s, 1),
-                "clean": val["clean_correct"] / val["count"],
-                "robust": val["robust_correct"] / val["count"],
-            }
-            trace.append(point)
-            print(f"  {recipe}: {point}", flush=True)
-            if point["robust"] >= args.target or train_s > 60 * args.budget_min:
-                break
-        if trace[-1]["robust"] >= args.target or train_s > 60 * args.budget_min:
-            break
+
+    def after_step(epoch: int, step: int, seconds: float) -> bool:
+        """Count the step; every --eval-every steps and at each epoch's end evaluate (not timed) and
+        say whether to stop: target reached or training budget spent."""
+        nonlocal train_s, steps
+        train_s += seconds
+        step_ms.append(1000 * seconds)
+        steps += 1
+        if (step + 1) % args.eval_every and step + 1 != steps_per_epoch:
+            return False
+        val = loop.pgd20_correct(model, x_val, y_val, eps=config.attack.eps, norm=config.attack.norm, device=device)
+        point = {
+            "epoch": round(epoch - 1 + (step + 1) / steps_per_epoch, 3),
+            "steps": steps,
+            "train_s": round(train_s, 1),
+            "clean": val["clean_correct"] / val["count"],
+            "robust": val["robust_correct"] / val["count"],
+        }
+        trace.append(point)
+        print(f"  {recipe}: {point}", flush=True)
+        return point["robust"] >= args.target or train_s > 60 * args.budget_min
+
+    loop.fit_plain(model, x, y, config=config, device=device, on_step=after_step)
     reached = next((p for p in trace if p["robust"] >= args.target), None)
     median_ms = statistics.median(step_ms)
     return {

@@ -6,6 +6,7 @@ divide once.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -83,12 +84,15 @@ def train_epoch(
     replays: int = 1,
     mixed_precision: str = "none",
     augment: str = "none",
+    on_step: Callable[[int, float], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over `batches`; returns sums: loss_sum, correct, count, seconds, last eps and lr.
 
     `replays` > 1 (free_at) steps the optimizer that many times on each minibatch; the sums then count
     every replay. `mixed_precision="bf16"` runs the method (attack generation and loss forward) under
     bf16 autocast on the device's type; weights, optimizer state and gradients stay fp32.
+    `on_step(step, seconds)` is called after each minibatch (all its replays) with that minibatch's
+    training time; returning True ends the pass there (benchmarks that evaluate mid-epoch).
     """
     model.train()
     loss_sum = correct = count = 0.0
@@ -96,6 +100,7 @@ def train_epoch(
     started = time.perf_counter()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
     for step, (x, y) in enumerate(batches):
+        step_started = time.perf_counter()
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if augment == "crop_flip":
@@ -114,6 +119,8 @@ def train_epoch(
                 loss_sum += float(loss) * len(y)
                 correct += float((logits.argmax(1) == y).sum())
                 count += len(y)
+        if on_step is not None and on_step(step, time.perf_counter() - step_started):
+            break
     return {
         "loss_sum": loss_sum,
         "correct": correct,
@@ -181,6 +188,25 @@ def clean_and_robust_correct(
     return {"clean_correct": clean, "robust_correct": robust, "count": float(len(x))}
 
 
+def pgd20_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, device: torch.device):
+    """Clean and robust counts under the reporting protocol of benchmarks/RESULTS.md: PGD-20, step
+    2.5 eps / 20, one random start from a generator seeded 0, batches of 500. One place, so that every
+    benchmark's "PGD-20" column means the same attack."""
+    return clean_and_robust_correct(
+        model,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        num_steps=20,
+        step_size_factor=2.5,
+        num_restarts=1,
+        batch_size=500,
+        device=device,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 def fit_plain(
     model: nn.Module,
     x: torch.Tensor,
@@ -188,10 +214,14 @@ def fit_plain(
     *,
     config: Config,
     device: torch.device | None = None,
+    on_step: Callable[[int, int, float], bool] | None = None,
 ) -> list[dict[str, float]]:
     """The training a Ray worker does, in one process with no Ray: the same method, attack, eps and LR
     schedules and data order as rank 0 of a 1-worker run. For quick experiments, tests, and the
-    plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats."""
+    plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats.
+
+    `on_step(epoch, step, seconds)` runs after every minibatch (step counts from 0 within the epoch);
+    returning True stops training there, e.g. once a mid-epoch evaluation reaches a target."""
     from pipeline.data import shard_indices
     from pipeline.methods import get_method
     from pipeline.methods import replays as method_replays
@@ -204,6 +234,13 @@ def fit_plain(
     scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps * replays)
     method = get_method(config.method.name, beta=config.method.beta)
     stats = []
+    stopped = False
+
+    def step_hook(epoch: int, step: int, seconds: float) -> bool:
+        nonlocal stopped
+        stopped = on_step is not None and on_step(epoch, step, seconds)
+        return stopped
+
     for epoch in range(1, config.run.epochs + 1):
         generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009)
         indices = shard_indices(len(y), rank=0, world_size=1, epoch=epoch, seed=config.run.seed)
@@ -226,8 +263,11 @@ def fit_plain(
                 replays=replays,
                 mixed_precision=config.run.mixed_precision,
                 augment=config.data.augment,
+                on_step=None if on_step is None else functools.partial(step_hook, epoch),
             )
         )
+        if stopped:
+            break
     return stats
 
 

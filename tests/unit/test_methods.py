@@ -156,3 +156,22 @@ def test_catastrophic_overfitting_rule_and_fallback():
     safer = fallback_attack(AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.25), num_steps=2)
     assert (safer.name, safer.num_steps, safer.step_size_factor, safer.random_start) == ("pgd", 2, 2.5, True)
     assert safer.eps == 0.1
+
+
+def test_fit_plain_reports_every_step_and_stops_when_asked():
+    from pipeline.config import config_from_dict
+    from pipeline.loop import fit_plain
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    config = config_from_dict({"run": {"epochs": 3}, "data": {"batch_size": 8}, "method": {"name": "standard"}})
+    seen: list[tuple[int, int]] = []
+
+    def after_step(epoch: int, step: int, seconds: float) -> bool:
+        assert seconds > 0
+        seen.append((epoch, step))
+        return (epoch, step) == (2, 1)  # stop in the middle of epoch 2
+
+    stats = fit_plain(_model(), x, y, config=config, on_step=after_step)
+    assert seen == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 0), (2, 1)]
+    assert [s["count"] for s in stats] == [40, 16]
