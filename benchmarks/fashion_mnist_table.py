@@ -10,8 +10,9 @@ best-robust epoch), then measures in fp32 on this machine:
   - robust accuracy under the `standard` ensemble (APGD-CE, APGD-T x9, Square 5000) on the first
     1,000 test examples with its 95% Wilson interval,
 and reads the training wall time (MLflow run start to end: Ray start-up, training, per-epoch
-validation, test metrics and registration) and the pure training time (sum of time/train_s). Writes
-benchmarks/results/fashion_mnist.json and prints the markdown table for RESULTS.md.
+validation, test metrics and registration) and the pure training time (sum of time/train_s). Merges
+the rows into benchmarks/results/fashion_mnist.json (a run measured again replaces its row; rows of
+other runs stay) and prints the markdown table of all rows for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -99,8 +100,16 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Runs measured earlier (possibly on a machine that is gone) keep their rows; a re-measured run's
+    # row is replaced, keeping what the old row had and this measurement did not (e.g. its ensemble).
+    kept = json.loads(out.read_text())["rows"] if out.exists() else []
+    by_run = {r["run"]: r for r in kept}
+    for r in rows:
+        by_run[r["run"]] = {**by_run.get(r["run"], {}), **r}
+    rows = list(by_run.values())
+    out.write_text(
         json.dumps(
             {
                 "date": time.strftime("%Y-%m-%d"),
