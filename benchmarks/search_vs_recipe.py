@@ -5,7 +5,8 @@ run name): per trial the searched values, validation clean/robust accuracy per e
 (the sum of the run's `time/train_s`, i.e. without validation, Ray start-up or test metrics), and how it
 ended. "At equal cost" compares each run's best validation robust accuracy reached within the recipe's
 training seconds, so a trial that trains longer than the recipe is not credited for the extra time.
-Prints a markdown table, writes the rows as JSON and copies the search's clean-vs-robust plot.
+Prints a markdown table, writes the rows as JSON and draws the search's clean-vs-robust plot (last
+epochs, Pareto front in red) with the recipe's run added.
 
     MLFLOW_TRACKING_URI=sqlite:///... .venv/bin/python benchmarks/search_vs_recipe.py \\
         --search fmnist-search --recipe-run fmnist-pgd-ref --experiment fashion-mnist-linf
@@ -16,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.tune import plot_clean_vs_robust
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 SEARCHED = ("method.name", "attack.num_steps", "schedule.eps_ramp_epochs")
 
 
@@ -96,13 +97,15 @@ def main() -> None:
             f"| {row['best_val_robust'] or 0:.3f} ({row['best_epoch']}) "
             f"| {'-' if within is None else f'{within:.3f}'} | {row['status']} |"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(parent, "search/clean_vs_robust.png", tmp)
-            shutil.copy(local, args.plot)
-            print(f"plot: {args.plot}")
-        except Exception as error:  # the table stands without the plot
-            print(f"no plot on the parent run ({error})")
+    # The search's own plot (as logged on its parent run), redrawn from MLflow with the recipe added.
+    plotted = [r for r in [*rows, recipe_row] if r["val_robust"]]
+    plot_clean_vs_robust(
+        [(r["val_clean"][-1], r["val_robust"][-1]) for r in plotted],
+        [r["run"].split("_")[-1] if r is not recipe_row else "recipe" for r in plotted],
+        title=f"search {args.search}: {len(rows)} trials and the recipe",
+        path=Path(args.plot),
+    )
+    print(f"plot: {args.plot}")
     Path(args.json).write_text(json.dumps({"search": args.search, "recipe": recipe_row, "trials": rows}, indent=1))
 
 

@@ -512,31 +512,40 @@ def _write_best(
 
 
 def _log_plot(summary: SearchSummary, uri: str, parent: str) -> None:
+    rows = [r for r in summary.rows if r.clean is not None and r.robust is not None]
+    if not rows:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_clean_vs_robust(
+            [(float(r.clean), float(r.robust)) for r in rows],
+            [r.trial_id.split("_")[-1] for r in rows],
+            title=f"search {summary.name}: {len(rows)} trials",
+            path=Path(tmp) / "clean_vs_robust.png",
+        )
+        (Path(tmp) / "trials.json").write_text(json.dumps([r.__dict__ for r in summary.rows], indent=2, default=str))
+        tracking.log_artifacts(uri, parent, tmp, "search")
+
+
+def plot_clean_vs_robust(points: list[tuple[float, float]], labels: list[str], *, title: str, path: Path) -> None:
+    """Clean vs robust accuracy, one labelled point per trial (last epoch), the Pareto front in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary.rows if r.clean is not None and r.robust is not None]
-    if not rows:
-        return
-    points = [(float(r.clean), float(r.robust)) for r in rows]
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter([c for c, _ in points], [r for _, r in points], c=["tab:red" if f else "tab:gray" for f in front])
-    for i, (c, r) in enumerate(points):
-        ax.annotate(rows[i].trial_id.split("_")[-1], (c, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for label, (c, r) in zip(labels, points, strict=True):
+        ax.annotate(label, (c, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
     frontier = sorted(p for p, f in zip(points, front, strict=True) if f)
     ax.plot([c for c, _ in frontier], [r for _, r in frontier], color="tab:red", label="Pareto front")
     ax.set_xlabel("validation clean accuracy (last epoch)")
     ax.set_ylabel("validation robust accuracy (last epoch)")
-    ax.set_title(f"search {summary.name}: {len(rows)} trials")
-    ax.legend(loc="lower left")
+    ax.set_title(title)
+    ax.legend(loc="best")
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        fig.savefig(Path(tmp) / "clean_vs_robust.png", dpi=120)
-        (Path(tmp) / "trials.json").write_text(json.dumps([r.__dict__ for r in summary.rows], indent=2, default=str))
-        tracking.log_artifacts(uri, parent, tmp, "search")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
