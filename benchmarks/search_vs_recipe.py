@@ -9,7 +9,7 @@ Prints a markdown table, writes the rows as JSON and draws the search's clean-vs
 epochs, Pareto front in red) with the recipe's run added.
 
     MLFLOW_TRACKING_URI=sqlite:///... .venv/bin/python benchmarks/search_vs_recipe.py \\
-        --search fmnist-search --recipe-run fmnist-pgd-ref --experiment fashion-mnist-linf
+        --search fmnist-search --recipe-run fmnist-pgd-ref --also fmnist-search-best-4ep
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--search", required=True, help="the search's name (its MLflow parent run)")
     parser.add_argument("--recipe-run", required=True, help="run name of the hand-written recipe's training run")
+    parser.add_argument(
+        "--also", nargs="*", default=[], help="more run names to list, e.g. the best config retrained at equal cost"
+    )
     parser.add_argument("--experiment", default="fashion-mnist-linf")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/search_fashion_mnist.json"))
     parser.add_argument("--plot", default=str(ROOT / "benchmarks/results/search_fashion_mnist.png"))
@@ -77,6 +80,12 @@ def main() -> None:
     budget = recipe_row["train_s"]
     rows = sorted((run_row(uri, c.info.run_id, budget) for c in children), key=lambda r: r["run"])
     recipe_row["robust_within_recipe_cost"] = recipe_row["best_val_robust"]
+    extra = []
+    for name in args.also:
+        run_id = tracking.find_run(uri, args.experiment, name)
+        if run_id is None:
+            parser.error(f"no run named {name!r} in experiment {args.experiment!r} at {uri}; check --also")
+        extra.append(run_row(uri, run_id, budget))
 
     print(
         f"# search {args.search} ({len(rows)} trials) vs recipe run {args.recipe_run}; recipe training {budget:.0f} s"
@@ -86,7 +95,7 @@ def main() -> None:
         "| train min | best val robust (epoch) | best within recipe's cost | status |"
     )
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---|")
-    for row in [*rows, recipe_row]:
+    for row in [*rows, *extra, recipe_row]:
         params = row["params"]
         ramp = float(params["schedule.eps_ramp_epochs"] or 0)
         within = row["robust_within_recipe_cost"]
@@ -98,15 +107,17 @@ def main() -> None:
             f"| {'-' if within is None else f'{within:.3f}'} | {row['status']} |"
         )
     # The search's own plot (as logged on its parent run), redrawn from MLflow with the recipe added.
-    plotted = [r for r in [*rows, recipe_row] if r["val_robust"]]
+    plotted = [r for r in [*rows, *extra, recipe_row] if r["val_robust"]]
+    labels = {id(recipe_row): "recipe", **{id(r): r["run"].removeprefix(f"{args.search}-") for r in extra}}
     plot_clean_vs_robust(
         [(r["val_clean"][-1], r["val_robust"][-1]) for r in plotted],
-        [r["run"].split("_")[-1] if r is not recipe_row else "recipe" for r in plotted],
-        title=f"search {args.search}: {len(rows)} trials and the recipe",
+        [labels.get(id(r), r["run"].split("_")[-1]) for r in plotted],
+        title=f"search {args.search}: {len(rows)} trials, the recipe and --also runs",
         path=Path(args.plot),
     )
     print(f"plot: {args.plot}")
-    Path(args.json).write_text(json.dumps({"search": args.search, "recipe": recipe_row, "trials": rows}, indent=1))
+    report = {"search": args.search, "recipe": recipe_row, "trials": rows, "also": extra}
+    Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
