@@ -188,7 +188,9 @@ def clean_and_robust_correct(
     return {"clean_correct": clean, "robust_correct": robust, "count": float(len(x))}
 
 
-def pgd20_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, device: torch.device):
+def pgd20_correct(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, device: torch.device
+) -> dict[str, float]:
     """Clean and robust counts under the reporting protocol of benchmarks/RESULTS.md: PGD-20, step
     2.5 eps / 20, one random start from a generator seeded 0, batches of 500. One place, so that every
     benchmark's "PGD-20" column means the same attack."""
