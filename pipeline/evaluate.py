@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,10 +130,16 @@ def evaluate_examples(
     protocol: str,
     seed: int,
     chunk_size: int,
+    on_chunk: Callable[[ChunkResult], None] | None = None,
 ) -> ChunkResult:
-    """The whole evaluation in this process (what the Ray shards compute, chunk by chunk)."""
-    chunks = [
-        evaluate_chunk(
+    """The whole evaluation in this process (what the Ray shards compute, chunk by chunk).
+
+    `on_chunk` sees each chunk as it finishes: a strong ensemble on a CPU takes tens of minutes per
+    thousand examples, and a caller wants to show progress.
+    """
+    chunks = []
+    for s in range(0, len(y), chunk_size):
+        chunk = evaluate_chunk(
             model,
             x[s : s + chunk_size],
             y[s : s + chunk_size],
@@ -142,8 +149,9 @@ def evaluate_examples(
             protocol=protocol,
             seed=seed,
         )
-        for s in range(0, len(y), chunk_size)
-    ]
+        if on_chunk is not None:
+            on_chunk(chunk)
+        chunks.append(chunk)
     return merge(chunks)
 
 

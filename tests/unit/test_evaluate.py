@@ -23,7 +23,13 @@ def test_chunks_merge_in_index_order_whatever_the_arrival(digits_path, undefende
         for s in (64, 0, 32)
     ]
     merged = merge(chunks)
-    single = evaluate_examples(undefended, x, y, norm="linf", eps=0.1, protocol="fast", seed=1, chunk_size=32)
+    seen = []
+    single = evaluate_examples(
+        undefended, x, y, norm="linf", eps=0.1, protocol="fast", seed=1, chunk_size=32, on_chunk=seen.append
+    )
+    # The progress callback sees every chunk once, as it finishes, and the same results that are merged.
+    assert [c.start for c in seen] == [0, 32, 64]
+    assert torch.equal(torch.cat([c.robust_after["apgd_t"] for c in seen]), single.robust_after["apgd_t"])
     assert torch.equal(merged.robust_after["apgd_t"], single.robust_after["apgd_t"])
     assert torch.equal(merged.clean_correct, single.clean_correct)
     rows = per_example(merged)
