@@ -74,6 +74,8 @@ def main() -> None:
             "train_s": sum(v for _, v in tracking.metric_history(uri, run_id, "time/train_s")),
             "catastrophic_overfitting": run.data.tags.get("advtrain.catastrophic_overfitting"),
         }
+        # Printed before the ensemble, which takes tens of minutes: an interrupted run keeps these.
+        print(f"{name}: clean (10k) {row['clean_acc_10k']:.4f}, PGD-20 (10k) {row['pgd20_acc_10k']:.4f}", flush=True)
         if args.protocol != "none":
             n = args.ensemble_examples
             ensemble_started = time.perf_counter()
