@@ -81,7 +81,7 @@ def main() -> None:
             ensemble_started = time.perf_counter()
 
             def progress(chunk, name=name, n=n, ensemble_started=ensemble_started):
-                robust = int(list(chunk.robust_after.values())[-1].sum())
+                robust = int(chunk.robust.sum())
                 done = chunk.start + len(chunk.clean_correct)
                 minutes = (time.perf_counter() - ensemble_started) / 60
                 print(
@@ -101,7 +101,7 @@ def main() -> None:
                 chunk_size=250,
                 on_chunk=progress,
             )
-            robust = int(list(result.robust_after.values())[-1].sum())
+            robust = int(result.robust.sum())
             low, high = wilson_interval(robust, n)
             row |= {
                 "protocol": args.protocol,

@@ -51,6 +51,11 @@ class ChunkResult:
     grid_x_adv: torch.Tensor | None = None  # x_adv of examples with index < NUM_GRID_EXAMPLES
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def robust(self) -> torch.Tensor:
+        """bool (n,): robust to the whole protocol (the last attack's cumulative mask)."""
+        return next(reversed(self.robust_after.values()))
+
 
 def attack_kwargs(name: str, kwargs: dict[str, Any], *, eps: float, norm: str) -> dict[str, Any]:
     out = {"eps": eps, "norm": norm, **kwargs}
@@ -166,7 +171,7 @@ def per_example(result: ChunkResult) -> dict[str, list]:
         previous = result.robust_after[name]
     return {
         "clean_correct": result.clean_correct.tolist(),
-        "robust": result.robust_after[names[-1]].tolist(),
+        "robust": result.robust.tolist(),
         "broken_by": broken_by,
     }
 
@@ -221,7 +226,7 @@ def sanity_checks(
     shape = tuple(x.shape[1:])
     checks: dict[str, dict[str, Any]] = {}
     names = [name for name, _ in PROTOCOLS[protocol]]
-    worst_subset = float(result.robust_after[names[-1]][:n].float().mean())
+    worst_subset = float(result.robust[:n].float().mean())
     chance = max(1.0 / num_classes, float(torch.bincount(ys, minlength=num_classes).max()) / n)
 
     # (1) Accuracy falls as eps grows and reaches chance at a large eps.
@@ -264,7 +269,7 @@ def sanity_checks(
         "rule": "worst-case robust accuracy <= FGSM accuracy",
     }
     # (4) More steps and restarts barely change the number.
-    still = result.robust_after[names[-1]][:n].nonzero().squeeze(1)
+    still = result.robust[:n].nonzero().squeeze(1)
     newly = 0
     if still.numel():
         generator = torch.Generator().manual_seed(seed + 1)
@@ -334,7 +339,7 @@ def report(
 
     n = len(result.clean_correct)
     names = [name for name, _ in PROTOCOLS[protocol]]
-    robust = int(result.robust_after[names[-1]].sum())
+    robust = int(result.robust.sum())
     clean = int(result.clean_correct.sum())
     low, high = wilson_interval(robust, n)
     return {
