@@ -117,6 +117,14 @@ class ScheduleConfig(_Component):
     eps_milestones: list[list[float]] = Field(
         default_factory=list, description="piecewise ramp: [[epoch, fraction of eps], ...], sorted by epoch."
     )
+    eps_train_factor: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=2.0,
+        description="Training attacks use attack.eps times this (at the end of the ramp); validation, the probe "
+        "and every evaluation stay at attack.eps, the threat model. Above 1 trains a single-step method against "
+        "a larger ball, making up for FGSM underestimating the worst case inside attack.eps.",
+    )
     steps_start: int = Field(default=0, ge=0, description="Attack steps in epoch 1 (0 = attack.num_steps throughout).")
     steps_ramp_epochs: float = Field(default=0.0, ge=0.0, description="Epochs to grow steps_start -> attack.num_steps.")
 

@@ -281,7 +281,7 @@ def epoch_schedule(config: Config, epoch: int, *, steps_per_epoch: int) -> tuple
     eps_for_step = eps_by_step(
         epoch,
         steps_per_epoch=steps_per_epoch,
-        eps=attack.eps,
+        eps=attack.eps * schedule.eps_train_factor,
         ramp=schedule.eps_ramp,
         ramp_epochs=schedule.eps_ramp_epochs,
         milestones=schedule.eps_milestones,

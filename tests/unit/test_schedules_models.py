@@ -128,6 +128,21 @@ def test_epoch_schedule_applies_steps_ramp():
     assert attack.num_steps == 10
 
 
+def test_eps_train_factor_scales_training_eps_only():
+    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.loop import epoch_schedule
+
+    config = config_from_dict({"attack": {"eps": 0.1}, "schedule": {"eps_ramp_epochs": 2, "eps_train_factor": 1.2}})
+    eps_for_step, _ = epoch_schedule(config, 1, steps_per_epoch=10)
+    assert eps_for_step(5) == pytest.approx(0.1 * 1.2 * 0.25)
+    eps_for_step, _ = epoch_schedule(config, 3, steps_per_epoch=10)
+    assert eps_for_step(0) == pytest.approx(0.12)
+    # The threat model, which validation and evaluation read, is unchanged.
+    assert config.attack.eps == 0.1
+    with pytest.raises(ConfigError, match=r"eps_train_factor"):
+        config_from_dict({"schedule": {"eps_train_factor": 0.5}})
+
+
 def test_crop_flip_shifts_and_flips_within_the_padding():
     from pipeline.loop import crop_flip
 
