@@ -102,13 +102,16 @@ class MethodConfig(_Component):
     )
     co_guard: bool = Field(
         default=True,
-        description="Single-step methods (fgsm_rs, free_at): watch the per-epoch PGD probe for catastrophic "
-        "overfitting; on collapse restore the last good checkpoint and go on with PGD-`co_fallback_steps`.",
+        description="Watch the per-epoch PGD probe for catastrophic overfitting; on collapse restore the last good "
+        "checkpoint and go on with pgd_at PGD-`co_fallback_steps` (single-step methods) or the same method with "
+        "twice the attack steps (multi-step methods, whose few-step PGD can collapse too).",
     )
     co_drop: float = Field(
         default=0.2, gt=0.0, le=1.0, description="Probe robust accuracy this far below its best = collapse."
     )
-    co_fallback_steps: int = Field(default=2, ge=2, description="PGD steps used for training after a collapse.")
+    co_fallback_steps: int = Field(
+        default=2, ge=2, description="PGD steps after a collapse (at least; multi-step methods double theirs)."
+    )
 
 
 class ScheduleConfig(_Component):

@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.attacks import pgd
 from pipeline.config import AttackConfig, Config, OptimConfig
-from pipeline.methods import Method
+from pipeline.methods import SINGLE_STEP_METHODS, Method
 from pipeline.schedules import lr_factor
 
 
@@ -301,7 +301,16 @@ def collapsed(probe_acc: float, best_probe_acc: float, *, drop: float) -> bool:
 
 def fallback_attack(attack: AttackConfig, *, num_steps: int) -> AttackConfig:
     """The safer training attack after a collapse: PGD-`num_steps` with random start and the usual
-    2.5 * eps / steps step (multi-step attacks do not show catastrophic overfitting)."""
+    2.5 * eps / steps step (smaller steps than the single-step or few-step attack that collapsed)."""
     return attack.model_copy(
         update={"name": "pgd", "num_steps": num_steps, "step_size_factor": 2.5, "step_size": 0.0, "random_start": True}
     )
+
+
+def fallback_training(method_name: str, attack: AttackConfig, *, min_steps: int) -> tuple[str, AttackConfig]:
+    """What a run trains with after a collapse. Single-step methods switch to pgd_at with PGD-`min_steps`.
+    Few-step PGD collapses too (MART with PGD-3 did on Fashion-MNIST at the one-cycle peak, see
+    benchmarks/RESULTS.md), so a multi-step method keeps its objective with twice the attack steps."""
+    if method_name in SINGLE_STEP_METHODS:
+        return "pgd_at", fallback_attack(attack, num_steps=min_steps)
+    return method_name, fallback_attack(attack, num_steps=max(min_steps, 2 * attack.num_steps))

@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import data as data_lib
 from pipeline import loop, tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
-from pipeline.methods import SINGLE_STEP_METHODS, get_method
+from pipeline.methods import get_method
 from pipeline.methods import replays as method_replays
 from pipeline.models import architecture, build_model
 
@@ -372,7 +372,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             if row["epoch"] not in already_logged:
                 tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
                 already_logged.add(row["epoch"])
-    guarded = config.method.co_guard and config.method.name in SINGLE_STEP_METHODS
+    guarded = config.method.co_guard and config.method.name != "standard"
     last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)
 
     attack = config.attack
@@ -400,8 +400,9 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         eps_for_step, epoch_attack = loop.epoch_schedule(config, epoch, steps_per_epoch=steps_per_epoch)
         method_name = config.method.name
         if guard["fallback"]:
-            method_name = "pgd_at"
-            epoch_attack = loop.fallback_attack(epoch_attack, num_steps=config.method.co_fallback_steps)
+            method_name, epoch_attack = loop.fallback_training(
+                method_name, epoch_attack, min_steps=config.method.co_fallback_steps
+            )
         # A fresh method per epoch: free_at's persistent perturbation restarts at zero each epoch, so a
         # resumed or restored epoch trains exactly as it first did.
         method = get_method(method_name, beta=config.method.beta)
@@ -472,12 +473,15 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         probe_acc = probe_robust / max(probe_count, 1)
         best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in history), default=0.0)
         if guarded and not guard["fallback"] and loop.collapsed(probe_acc, best_probe, drop=config.method.co_drop):
+            then_method, then_attack = loop.fallback_training(
+                config.method.name, config.attack, min_steps=config.method.co_fallback_steps
+            )
             event = {
                 "epoch": epoch,
                 "probe_pgd_acc": probe_acc,
                 "best_probe_pgd_acc": best_probe,
                 "restored_epoch": epoch - 1,
-                "fallback": f"pgd_at with PGD-{config.method.co_fallback_steps}",
+                "fallback": f"{then_method} with PGD-{then_attack.num_steps}",
             }
             guard = {"fallback": True, "events": [*guard["events"], event]}
             _restore(last_good, attack_model, optimizer, scheduler)

@@ -149,13 +149,22 @@ def test_bf16_autocast_trains_with_fp32_weights(batch):
 
 
 def test_catastrophic_overfitting_rule_and_fallback():
-    from pipeline.loop import collapsed, fallback_attack
+    from pipeline.loop import collapsed, fallback_attack, fallback_training
 
     assert collapsed(0.05, 0.60, drop=0.2) and not collapsed(0.45, 0.60, drop=0.2)
     assert not collapsed(0.0, 0.1, drop=0.2), "no collapse below a robust accuracy never reached"
     safer = fallback_attack(AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.25), num_steps=2)
     assert (safer.name, safer.num_steps, safer.step_size_factor, safer.random_start) == ("pgd", 2, 2.5, True)
     assert safer.eps == 0.1
+    # Single-step methods switch to pgd_at; a multi-step method keeps its objective, with twice the steps
+    # and the smaller 2.5 * eps / steps step.
+    fgsm = AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.25)
+    name, after = fallback_training("fgsm_rs", fgsm, min_steps=2)
+    assert (name, after.name, after.num_steps) == ("pgd_at", "pgd", 2)
+    pgd3 = AttackConfig(name="pgd", eps=0.1, num_steps=3, step_size_factor=3.0, random_start=False)
+    name, after = fallback_training("mart", pgd3, min_steps=2)
+    assert (name, after.num_steps, after.step_size_factor, after.random_start) == ("mart", 6, 2.5, True)
+    assert fallback_training("trades", pgd3, min_steps=8)[1].num_steps == 8
 
 
 def test_fit_plain_reports_every_step_and_stops_when_asked():
