@@ -374,6 +374,10 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 already_logged.add(row["epoch"])
     guarded = config.method.co_guard and config.method.name != "standard"
     last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)
+    # What the run trains with once a collapse is caught (named in the event, used every later epoch).
+    fallback_method, fallback_attack = loop.fallback_training(
+        config.method.name, config.attack, min_steps=config.method.co_fallback_steps
+    )
 
     attack = config.attack
     epoch = start_epoch
@@ -400,9 +404,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         eps_for_step, epoch_attack = loop.epoch_schedule(config, epoch, steps_per_epoch=steps_per_epoch)
         method_name = config.method.name
         if guard["fallback"]:
-            method_name, epoch_attack = loop.fallback_training(
-                method_name, epoch_attack, min_steps=config.method.co_fallback_steps
-            )
+            method_name, epoch_attack = fallback_method, fallback_attack
         # A fresh method per epoch: free_at's persistent perturbation restarts at zero each epoch, so a
         # resumed or restored epoch trains exactly as it first did.
         method = get_method(method_name, beta=config.method.beta)
@@ -473,15 +475,12 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         probe_acc = probe_robust / max(probe_count, 1)
         best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in history), default=0.0)
         if guarded and not guard["fallback"] and loop.collapsed(probe_acc, best_probe, drop=config.method.co_drop):
-            then_method, then_attack = loop.fallback_training(
-                config.method.name, config.attack, min_steps=config.method.co_fallback_steps
-            )
             event = {
                 "epoch": epoch,
                 "probe_pgd_acc": probe_acc,
                 "best_probe_pgd_acc": best_probe,
                 "restored_epoch": epoch - 1,
-                "fallback": f"{then_method} with PGD-{then_attack.num_steps}",
+                "fallback": f"{fallback_method} with PGD-{fallback_attack.num_steps}",
             }
             guard = {"fallback": True, "events": [*guard["events"], event]}
             _restore(last_good, attack_model, optimizer, scheduler)
