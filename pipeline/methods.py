@@ -132,6 +132,9 @@ def mart(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None,
         return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
     x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
     logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
+    # The loss in fp32 whatever the autocast: in bf16 (8 bits of mantissa) 1.0001 - p rounds to 0 once a
+    # wrong class is confident, so log(1 - p) drops from -9.2 to -27.6 and its gradient explodes.
+    logits, logits_adv = logits.float(), logits_adv.float()
     adv_probs = F.softmax(logits_adv, dim=1)
     top2 = adv_probs.argsort(dim=1)[:, -2:]
     # The most likely wrong class on the adversarial input.

@@ -148,6 +148,26 @@ def test_bf16_autocast_trains_with_fp32_weights(batch):
     assert model(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["trades", "mart"])
+def test_bf16_loss_matches_fp32_when_a_wrong_class_is_confident(name):
+    # A model sure of a wrong class (logit 20 for class 3, labels 0-2): in bf16 the probability of
+    # class 3 rounds to 1, and a loss with log(1 - p) computed in bf16 would jump from -log(1e-4) to
+    # -log(1e-12) (MART did this before its loss was cast to fp32: a 1.6x loss and exploding gradients).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(0.01)
+        model[1].bias.zero_()
+        model[1].bias[3] = 20.0
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    method, attack = get_method(name), AttackConfig(eps=0.1, num_steps=2)
+    fp32_loss, _ = method(model, model, x, y, attack=attack, eps=0.1, attack_mode="eval")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss, _ = method(model, model, x, y, attack=attack, eps=0.1, attack_mode="eval")
+    assert bf16_loss.dtype == torch.float32
+    assert abs(bf16_loss.item() - fp32_loss.item()) <= 0.01 * fp32_loss.item()
+
+
 def test_catastrophic_overfitting_rule_and_fallback():
     from pipeline.loop import collapsed, fallback_attack, fallback_training
 
