@@ -86,7 +86,10 @@ def _clean_and_adversarial_logits(model, x, x_adv) -> tuple[torch.Tensor, torch.
     # One forward over both halves: under DDP two forwards feeding one backward would mark each
     # parameter ready twice ("Expected to mark a variable ready only once"). BatchNorm then sees the
     # mixed batch; small_cnn has none, and for BN models this is the common practical choice.
-    logits = model(torch.cat([x, x_adv]))
+    # The logits leave in fp32 whatever the autocast: the losses built on them (TRADES's KL, MART's
+    # log(1.0001 - p)) break in bf16's 8-bit mantissa, where 1.0001 - p rounds to 0 once a wrong class is
+    # confident, so log(1 - p) drops from -9.2 to -27.6 and its gradient explodes.
+    logits = model(torch.cat([x, x_adv])).float()
     return logits[: len(x)], logits[len(x) :]
 
 
@@ -132,9 +135,6 @@ def mart(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None,
         return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
     x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
     logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
-    # The loss in fp32 whatever the autocast: in bf16 (8 bits of mantissa) 1.0001 - p rounds to 0 once a
-    # wrong class is confident, so log(1 - p) drops from -9.2 to -27.6 and its gradient explodes.
-    logits, logits_adv = logits.float(), logits_adv.float()
     adv_probs = F.softmax(logits_adv, dim=1)
     top2 = adv_probs.argsort(dim=1)[:, -2:]
     # The most likely wrong class on the adversarial input.
