@@ -148,7 +148,7 @@ def architecture(
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
-    """nn.Sequential(Normalize, network) from an `architecture` dict."""
+    """nn.Sequential(Normalize, network) from an `architecture` dict, weights in channels_last."""
     c, h, w = arch["shape"]
     name, num_classes, width = arch["name"], arch["num_classes"], arch.get("width", 1)
     if len(arch["mean"]) != c or len(arch["std"]) != c:
@@ -164,4 +164,10 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             net = WideResNet(c, num_classes, arch.get("depth", 28), width)
         case _:
             raise ValueError(f"unknown model.name '{name}'; allowed: small_cnn, preact_resnet18, wide_resnet")
-    return nn.Sequential(Normalize(tuple(arch["mean"]), tuple(arch["std"])), net)
+    model = nn.Sequential(Normalize(tuple(arch["mean"]), tuple(arch["std"])), net)
+    # channels_last (NHWC) conv weights make every conv run in NHWC, inputs included: oneDNN's and
+    # cuDNN's fast conv path (and the one tensor cores want under autocast). Measured here on CPU:
+    # small_cnn train steps 1.5x faster, Square's forward passes 1.5x (benchmarks/memory_format.py).
+    # Values are unchanged (same maths, another summation order); `.to(device)` keeps the format,
+    # and saved weights are made contiguous (tracking.save_weights).
+    return model.to(memory_format=torch.channels_last)

@@ -174,6 +174,7 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
     """Write model.safetensors + architecture.json to `folder`; returns the weights' sha256."""
     folder.mkdir(parents=True, exist_ok=True)
+    # contiguous: safetensors stores dense row-major tensors only, and conv weights are channels_last.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     digest = sha256_file(folder / WEIGHTS_FILE)
