@@ -52,6 +52,15 @@ class RunConfig(_Component):
         description="bf16 autocast for training forwards and attack generation (CPU and CUDA); "
         "validation, test and `advtrain evaluate` always run in fp32.",
     )
+    weight_average_decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Exponential moving average of the weights, updated after every optimizer step "
+        "(Gowal et al. 2020, arXiv:2010.03593); 0 = off, e.g. 0.999. Validation, keep_best and the "
+        "registered model use the averaged weights; the catastrophic-overfitting probe watches the "
+        "trained ones.",
+    )
 
 
 class DataConfig(_Component):

@@ -68,6 +68,18 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, *, padd
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def update_weight_average(average: nn.Module, model: nn.Module, *, decay: float, num_updates: int) -> None:
+    """average <- d * average + (1 - d) * model, parameter by parameter; buffers (BatchNorm statistics)
+    are copied. d = min(decay, (1 + n) / (10 + n)) for the n-th update (counting from 0): the usual
+    warm-up, so the average forgets the random initial weights within tens of steps, not thousands."""
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    with torch.no_grad():
+        for averaged, current in zip(average.parameters(), model.parameters(), strict=True):
+            averaged.lerp_(current.detach(), 1.0 - d)
+        for averaged, current in zip(average.buffers(), model.buffers(), strict=True):
+            averaged.copy_(current)
+
+
 def train_epoch(
     model: nn.Module,
     attack_model: nn.Module,
@@ -85,6 +97,7 @@ def train_epoch(
     mixed_precision: str = "none",
     augment: str = "none",
     on_step: Callable[[int, float], bool] | None = None,
+    after_optimizer_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `batches`; returns sums: loss_sum, correct, count, seconds, last eps and lr.
 
@@ -93,6 +106,7 @@ def train_epoch(
     bf16 autocast on the device's type; weights, optimizer state and gradients stay fp32.
     `on_step(step, seconds)` is called after each minibatch (all its replays) with that minibatch's
     training time; returning True ends the pass there (benchmarks that evaluate mid-epoch).
+    `after_optimizer_step()` runs after every optimizer step (the weight average's update).
     """
     model.train()
     loss_sum = correct = count = 0.0
@@ -115,6 +129,8 @@ def train_epoch(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_optimizer_step is not None:
+                after_optimizer_step()
             with torch.no_grad():
                 loss_sum += float(loss) * len(y)
                 correct += float((logits.argmax(1) == y).sum())

@@ -259,18 +259,33 @@ def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, folder / STATE_FILE)
 
 
-def _snapshot(model: torch.nn.Module, optimizer, scheduler, *, full: bool) -> dict[str, Any]:
-    """An in-memory copy of the weights (CPU tensors; the best epoch's candidate) and, when `full`
-    (the catastrophic-overfitting guard may go back to it), of the optimizer and LR-schedule state."""
-    snapshot: dict[str, Any] = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+def _cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _snapshot(
+    model: torch.nn.Module, optimizer, scheduler, *, full: bool, averaging: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An in-memory copy of the weights and of their average, if any (CPU tensors; the best epoch's
+    candidate) and, when `full` (the catastrophic-overfitting guard may go back to it), of the
+    optimizer and LR-schedule state."""
+    snapshot: dict[str, Any] = {"model": _cpu_weights(model)}
+    if averaging:
+        snapshot["average"] = _cpu_weights(averaging["model"])
+        snapshot["average_updates"] = averaging["updates"]
     if full:
         snapshot["optimizer"] = copy.deepcopy(optimizer.state_dict())
         snapshot["scheduler"] = copy.deepcopy(scheduler.state_dict())
     return snapshot
 
 
-def _restore(snapshot: dict[str, Any], model: torch.nn.Module, optimizer, scheduler) -> None:
+def _restore(
+    snapshot: dict[str, Any], model: torch.nn.Module, optimizer, scheduler, *, averaging: dict[str, Any] | None = None
+) -> None:
     model.load_state_dict(snapshot["model"])
+    if averaging:
+        averaging["model"].load_state_dict(snapshot["average"])
+        averaging["updates"] = snapshot["average_updates"]
     optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
     scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
 
@@ -327,6 +342,25 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     torch.manual_seed(config.run.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = ray.train.torch.prepare_model(build_model(arch))
     attack_model = model.module if hasattr(model, "module") else model  # unwrapped: no DDP hooks
+    # The weight average (run.weight_average_decay): a copy on every rank, identical across ranks because
+    # DDP keeps the trained weights identical, so the sharded validation needs no broadcast. Validation,
+    # keep_best and registration see it; the collapse probe watches the trained weights (the average
+    # would hide a collapse for a while, and the restore is of the trained weights).
+    averaging: dict[str, Any] | None = None
+    if config.run.weight_average_decay > 0:
+        averaging = {"model": copy.deepcopy(attack_model).requires_grad_(False), "updates": 0}
+    shipped_model = averaging["model"] if averaging else attack_model
+
+    def update_average() -> None:
+        assert averaging is not None
+        loop.update_weight_average(
+            averaging["model"],
+            attack_model,
+            decay=config.run.weight_average_decay,
+            num_updates=averaging["updates"],
+        )
+        averaging["updates"] += 1
+
     optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
     replays = method_replays(config.method.name, config.method.replays)
@@ -343,6 +377,10 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint)
         attack_model.load_state_dict(state["model"])
+        if averaging:
+            saved_average = state.get("average_model")
+            averaging["model"].load_state_dict(saved_average if saved_average is not None else state["model"])
+            averaging["updates"] = int(state.get("average_updates", 0))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
@@ -373,7 +411,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
                 already_logged.add(row["epoch"])
     guarded = config.method.co_guard and config.method.name != "standard"
-    last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)
+    last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded, averaging=averaging)
     # What the run trains with once a collapse is caught (named in the event, used every later epoch).
     fallback_method, fallback_attack = loop.fallback_training(
         config.method.name, config.attack, min_steps=config.method.co_fallback_steps
@@ -424,10 +462,11 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             replays=replays,
             mixed_precision=config.run.mixed_precision,
             augment=config.data.augment,
+            after_optimizer_step=update_average if averaging else None,
         )
         val_started = time.perf_counter()
         val = loop.clean_and_robust_correct(
-            attack_model,
+            shipped_model,
             x_val,
             y_val,
             eps=attack.eps,
@@ -483,7 +522,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
                 "fallback": f"{fallback_method} with PGD-{fallback_attack.num_steps}",
             }
             guard = {"fallback": True, "events": [*guard["events"], event]}
-            _restore(last_good, attack_model, optimizer, scheduler)
+            _restore(last_good, attack_model, optimizer, scheduler, averaging=averaging)
             if rank == 0:
                 log.warning(
                     "epoch %d: catastrophic overfitting (probe PGD accuracy %.3f, best %.3f); restored epoch %d "
@@ -522,15 +561,18 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             **(startup if epoch == 1 else {}),
         }
         history.append({"epoch": epoch, "metrics": metrics})
-        last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded)
+        last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded, averaging=averaging)
         if metrics["val/robust_acc"] > best["val_robust"]:
-            best = {"epoch": epoch, "val_robust": metrics["val/robust_acc"], "model": last_good["model"]}
+            shipped_weights = last_good["average"] if averaging else last_good["model"]
+            best = {"epoch": epoch, "val_robust": metrics["val/robust_acc"], "model": shipped_weights}
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(
                     Path(tmp),
                     {
                         "model": attack_model.state_dict(),
+                        "average_model": averaging["model"].state_dict() if averaging else None,
+                        "average_updates": averaging["updates"] if averaging else 0,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch,
@@ -572,6 +614,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
 
     if config.run.keep_best and best["model"] is not None:
         attack_model.load_state_dict(best["model"])
+    elif averaging:
+        attack_model.load_state_dict(averaging["model"].state_dict())
     if rank != 0:
         return None
     registered_epoch = best["epoch"] if config.run.keep_best and best["model"] is not None else history[-1]["epoch"]

@@ -45,6 +45,7 @@ def test_toml_round_trip(tmp_path):
         ({"method": {"name": "fgsm_rs"}}, "set attack.name = 'fgsm'"),
         ({"attack": {"eps": 0.0}}, "attack.eps is 0"),
         ({"tracking": {"alias": "champion"}}, "only `advtrain promote` sets it"),
+        ({"run": {"weight_average_decay": 1.0}}, "run.weight_average_decay: Input should be less than 1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(raw, expected):

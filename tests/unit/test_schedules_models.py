@@ -59,6 +59,25 @@ def test_models_build_by_name_and_normalise_first(name, shape):
     assert torch.allclose(model[0](torch.full((1, *shape), 0.5)), torch.zeros(1, *shape))
 
 
+@pytest.mark.parametrize(("name", "shape"), [("small_cnn", (1, 28, 28)), ("preact_resnet18", (3, 32, 32))])
+def test_models_are_channels_last_with_the_same_outputs_and_gradients(name, shape):
+    c = shape[0]
+    arch = architecture(ModelConfig(name=name, depth=10), shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c)
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    reference = build_model(arch).eval().to(memory_format=torch.contiguous_format)
+    reference.load_state_dict(model.state_dict())
+    x = torch.rand(4, *shape)
+    x_fast, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_fast, out_ref = model(x_fast), reference(x_ref)
+    assert torch.allclose(out_fast, out_ref, atol=1e-5)
+    (grad_fast,) = torch.autograd.grad(out_fast[:, 0].sum(), x_fast)
+    (grad_ref,) = torch.autograd.grad(out_ref[:, 0].sum(), x_ref)
+    assert torch.allclose(grad_fast, grad_ref, atol=1e-5)
+
+
 def test_bad_architectures_are_refused():
     with pytest.raises(ValueError, match="6n\\+4"):
         build_model(
@@ -162,3 +181,29 @@ def test_crop_flip_shifts_and_flips_within_the_padding():
     assert not torch.equal(
         crop_flip(x, torch.Generator().manual_seed(1)), crop_flip(x, torch.Generator().manual_seed(2))
     )
+
+
+def test_weight_average_warms_up_then_follows_its_decay():
+    from pipeline.loop import update_weight_average
+
+    model, average = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    for module, value in ((model, 1.0), (average, 0.0)):
+        torch.nn.init.constant_(module.weight, value)
+        torch.nn.init.constant_(module.bias, value)
+    # Update 0 uses min(0.99, 1/10) = 0.1: the average is mostly the current weights already.
+    update_weight_average(average, model, decay=0.99, num_updates=0)
+    assert torch.allclose(average.weight, torch.tensor([[0.9]]))
+    # Far into training the decay itself applies: 0.99 * 0.9 + 0.01 * 2.0 = 0.911.
+    torch.nn.init.constant_(model.weight, 2.0)
+    update_weight_average(average, model, decay=0.99, num_updates=10_000)
+    assert torch.allclose(average.weight, torch.tensor([[0.911]]))
+
+
+def test_weight_average_copies_batchnorm_statistics():
+    from pipeline.loop import update_weight_average
+
+    model, average = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    model.train()(torch.randn(8, 2) * 3 + 5)
+    update_weight_average(average, model, decay=0.999, num_updates=10_000)
+    assert torch.equal(average.running_mean, model.running_mean)
+    assert torch.equal(average.running_var, model.running_var)
