@@ -167,7 +167,8 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     model = nn.Sequential(Normalize(tuple(arch["mean"]), tuple(arch["std"])), net)
     # channels_last (NHWC) conv weights make every conv run in NHWC, inputs included: oneDNN's and
     # cuDNN's fast conv path (and the one tensor cores want under autocast). Measured here on CPU:
-    # small_cnn train steps 1.5x faster, Square's forward passes 1.5x (benchmarks/memory_format.py).
+    # small_cnn PGD-3 training steps 1.21x faster, Square's forward passes 1.56x, preact_resnet18
+    # steps 1.01x (benchmarks/memory_format.py, RESULTS.md).
     # Values are unchanged (same maths, another summation order); `.to(device)` keeps the format,
     # and saved weights are made contiguous (tracking.save_weights).
     return model.to(memory_format=torch.channels_last)
