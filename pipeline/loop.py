@@ -6,6 +6,7 @@ divide once.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -239,7 +240,10 @@ def fit_plain(
     plain-torch baseline of the Ray-overhead benchmark. Returns per-epoch train stats.
 
     `on_step(epoch, step, seconds)` runs after every minibatch (step counts from 0 within the epoch);
-    returning True stops training there, e.g. once a mid-epoch evaluation reaches a target."""
+    returning True stops training there, e.g. once a mid-epoch evaluation reaches a target.
+
+    With `run.weight_average_decay` > 0 the weight average is kept as on a Ray worker, and `model` holds
+    it when this returns, as a Ray run registers it; `on_step` still sees the trained weights."""
     from pipeline.data import shard_indices
     from pipeline.methods import get_method
     from pipeline.methods import replays as method_replays
@@ -253,6 +257,14 @@ def fit_plain(
     method = get_method(config.method.name, beta=config.method.beta)
     stats = []
     stopped = False
+    average = copy.deepcopy(model).requires_grad_(False) if config.run.weight_average_decay > 0 else None
+    average_updates = 0
+
+    def update_average() -> None:
+        nonlocal average_updates
+        assert average is not None
+        update_weight_average(average, model, decay=config.run.weight_average_decay, num_updates=average_updates)
+        average_updates += 1
 
     def step_hook(epoch: int, step: int, seconds: float) -> bool:
         nonlocal stopped
@@ -282,10 +294,13 @@ def fit_plain(
                 mixed_precision=config.run.mixed_precision,
                 augment=config.data.augment,
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
+                after_optimizer_step=None if average is None else update_average,
             )
         )
         if stopped:
             break
+    if average is not None:
+        model.load_state_dict(average.state_dict())
     return stats
 
 

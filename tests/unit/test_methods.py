@@ -204,3 +204,31 @@ def test_fit_plain_reports_every_step_and_stops_when_asked():
     stats = fit_plain(_model(), x, y, config=config, on_step=after_step)
     assert seen == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 0), (2, 1)]
     assert [s["count"] for s in stats] == [40, 16]
+
+
+def test_fit_plain_leaves_the_weight_average_in_the_model():
+    from pipeline.config import config_from_dict
+    from pipeline.loop import fit_plain
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    config = config_from_dict(
+        {"run": {"epochs": 2, "weight_average_decay": 0.5}, "data": {"batch_size": 8}, "method": {"name": "standard"}}
+    )
+    model = _model()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    trained: list[dict[str, torch.Tensor]] = []
+
+    def after_step(epoch: int, step: int, seconds: float) -> bool:
+        trained.append({k: v.clone() for k, v in model.state_dict().items()})
+        return False
+
+    fit_plain(model, x, y, config=config, on_step=after_step)
+    assert len(trained) == 10  # one optimizer step per minibatch: 5 per epoch
+    for n, weights in enumerate(trained):
+        d = min(0.5, (1 + n) / (10 + n))  # the warm-up gives way to the decay at n = 8
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    final = model.state_dict()
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(final["1.classifier.5.weight"], trained[-1]["1.classifier.5.weight"])
