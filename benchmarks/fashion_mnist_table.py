@@ -38,6 +38,11 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data/fashion-mnist"))
     parser.add_argument("--protocol", default="standard", choices=["standard", "fast", "pgd", "none"])
     parser.add_argument("--ensemble-examples", type=int, default=1000)
+    parser.add_argument(
+        "--ensemble-only",
+        action="store_true",
+        help="skip the 10k clean and PGD-20 pass (minutes per run); the row keeps those of its earlier row in --out",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/fashion_mnist.json"))
     args = parser.parse_args()
@@ -51,6 +56,8 @@ def main() -> None:
     client = tracking.client_for(uri)
     x_test, y_test = load_split(args.data, "test")
     device = torch.device("cpu")
+    out = Path(args.out)
+    earlier = {r["run"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     rows = []
     for name in args.runs:
         run_id = tracking.find_run(uri, args.experiment, name)
@@ -61,21 +68,24 @@ def main() -> None:
         eps = float(params["attack.eps"])
         model = tracking.load_model(f"runs:/{run_id}/model", tracking_uri=uri).eval()
         started = time.perf_counter()
-        clean = float((loop.predict(model, x_test, batch_size=500, device=device) == y_test).float().mean())
-        pgd20 = loop.pgd20_correct(model, x_test, y_test, eps=eps, norm=params["attack.norm"], device=device)
         row = {
             "run": name,
             "method": params["method.name"],
             "epochs": int(params["run.epochs"]),
             "registered_epoch": int(float(run.data.metrics.get("registered/epoch", params["run.epochs"]))),
-            "clean_acc_10k": clean,
-            "pgd20_acc_10k": pgd20["robust_correct"] / pgd20["count"],
             "wall_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
             "train_s": sum(v for _, v in tracking.metric_history(uri, run_id, "time/train_s")),
             "catastrophic_overfitting": run.data.tags.get("advtrain.catastrophic_overfitting"),
         }
-        # Printed before the ensemble, which takes tens of minutes: an interrupted run keeps these.
-        print(f"{name}: clean (10k) {row['clean_acc_10k']:.4f}, PGD-20 (10k) {row['pgd20_acc_10k']:.4f}", flush=True)
+        if args.ensemble_only:
+            if "clean_acc_10k" not in earlier.get(name, {}):
+                raise SystemExit(f"--ensemble-only: {args.out} has no 10k row for '{name}'; run once without it")
+        else:
+            clean = float((loop.predict(model, x_test, batch_size=500, device=device) == y_test).float().mean())
+            pgd20 = loop.pgd20_correct(model, x_test, y_test, eps=eps, norm=params["attack.norm"], device=device)
+            row |= {"clean_acc_10k": clean, "pgd20_acc_10k": pgd20["robust_correct"] / pgd20["count"]}
+            # Printed before the ensemble, which takes tens of minutes: an interrupted run keeps these.
+            print(f"{name}: clean (10k) {clean:.4f}, PGD-20 (10k) {row['pgd20_acc_10k']:.4f}", flush=True)
         if args.protocol != "none":
             n = args.ensemble_examples
             ensemble_started = time.perf_counter()
@@ -118,12 +128,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Runs measured earlier (possibly on a machine that is gone) keep their rows; a re-measured run's
     # row is replaced, keeping what the old row had and this measurement did not (e.g. its ensemble).
-    kept = json.loads(out.read_text())["rows"] if out.exists() else []
-    by_run = {r["run"]: r for r in kept}
+    # Read again: another invocation may have written the file since this one started.
+    by_run = {r["run"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     for r in rows:
         by_run[r["run"]] = {**by_run.get(r["run"], {}), **r}
     rows = list(by_run.values())
