@@ -12,7 +12,9 @@ best-robust epoch), then measures in fp32 on this machine:
 and reads the training wall time (MLflow run start to end: Ray start-up, training, per-epoch
 validation, test metrics and registration) and the pure training time (sum of time/train_s). Merges
 the rows into benchmarks/results/fashion_mnist.json (a run measured again replaces its row; rows of
-other runs stay) and prints the markdown table of all rows for RESULTS.md.
+other runs stay) and prints the markdown table of all rows for RESULTS.md. `--ensemble-only` skips the
+10k pass and keeps the run's earlier 10k numbers: the ensemble of a run measured before, without paying
+again for PGD-20 on 10,000 examples.
 """
 
 from __future__ import annotations
