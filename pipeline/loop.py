@@ -10,6 +10,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,20 @@ def update_weight_average(average: nn.Module, model: nn.Module, *, decay: float,
             averaged.lerp_(current.detach(), 1.0 - d)
         for averaged, current in zip(average.buffers(), model.buffers(), strict=True):
             averaged.copy_(current)
+
+
+def new_weight_average(model: nn.Module, *, decay: float) -> dict[str, Any] | None:
+    """The state of a weight average of `model` (`{"model": frozen copy, "updates": 0}`), or None when
+    `decay` is 0 (off). Kept as a dict so that checkpoints and restores can save and set both."""
+    if decay <= 0:
+        return None
+    return {"model": copy.deepcopy(model).requires_grad_(False), "updates": 0}
+
+
+def step_weight_average(averaging: dict[str, Any], model: nn.Module, *, decay: float) -> None:
+    """One update of `averaging` (from new_weight_average) towards `model`; run after each optimizer step."""
+    update_weight_average(averaging["model"], model, decay=decay, num_updates=averaging["updates"])
+    averaging["updates"] += 1
 
 
 def train_epoch(
@@ -257,14 +272,7 @@ def fit_plain(
     method = get_method(config.method.name, beta=config.method.beta)
     stats = []
     stopped = False
-    average = copy.deepcopy(model).requires_grad_(False) if config.run.weight_average_decay > 0 else None
-    average_updates = 0
-
-    def update_average() -> None:
-        nonlocal average_updates
-        assert average is not None
-        update_weight_average(average, model, decay=config.run.weight_average_decay, num_updates=average_updates)
-        average_updates += 1
+    averaging = new_weight_average(model, decay=config.run.weight_average_decay)
 
     def step_hook(epoch: int, step: int, seconds: float) -> bool:
         nonlocal stopped
@@ -294,13 +302,15 @@ def fit_plain(
                 mixed_precision=config.run.mixed_precision,
                 augment=config.data.augment,
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
-                after_optimizer_step=None if average is None else update_average,
+                after_optimizer_step=None
+                if averaging is None
+                else functools.partial(step_weight_average, averaging, model, decay=config.run.weight_average_decay),
             )
         )
         if stopped:
             break
-    if average is not None:
-        model.load_state_dict(average.state_dict())
+    if averaging is not None:
+        model.load_state_dict(averaging["model"].state_dict())
     return stats
 
 

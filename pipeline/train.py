@@ -11,6 +11,7 @@ committed checkpoint, and MLflow keeps exactly one value per epoch.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -346,20 +347,13 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     # DDP keeps the trained weights identical, so the sharded validation needs no broadcast. Validation,
     # keep_best and registration see it; the collapse probe watches the trained weights (the average
     # would hide a collapse for a while, and the restore is of the trained weights).
-    averaging: dict[str, Any] | None = None
-    if config.run.weight_average_decay > 0:
-        averaging = {"model": copy.deepcopy(attack_model).requires_grad_(False), "updates": 0}
+    averaging = loop.new_weight_average(attack_model, decay=config.run.weight_average_decay)
     shipped_model = averaging["model"] if averaging else attack_model
-
-    def update_average() -> None:
-        assert averaging is not None
-        loop.update_weight_average(
-            averaging["model"],
-            attack_model,
-            decay=config.run.weight_average_decay,
-            num_updates=averaging["updates"],
-        )
-        averaging["updates"] += 1
+    update_average = (
+        functools.partial(loop.step_weight_average, averaging, attack_model, decay=config.run.weight_average_decay)
+        if averaging
+        else None
+    )
 
     optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
@@ -462,7 +456,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             replays=replays,
             mixed_precision=config.run.mixed_precision,
             augment=config.data.augment,
-            after_optimizer_step=update_average if averaging else None,
+            after_optimizer_step=update_average,
         )
         val_started = time.perf_counter()
         val = loop.clean_and_robust_correct(
