@@ -96,6 +96,14 @@ def step_weight_average(averaging: dict[str, Any], model: nn.Module, *, decay: f
     averaging["updates"] += 1
 
 
+def weight_average_hook(
+    averaging: dict[str, Any] | None, model: nn.Module, *, decay: float
+) -> Callable[[], None] | None:
+    """train_epoch's `after_optimizer_step`: step_weight_average bound to `averaging` and `model`, or None
+    when averaging is off (`averaging` is None)."""
+    return None if averaging is None else functools.partial(step_weight_average, averaging, model, decay=decay)
+
+
 def train_epoch(
     model: nn.Module,
     attack_model: nn.Module,
@@ -302,9 +310,7 @@ def fit_plain(
                 mixed_precision=config.run.mixed_precision,
                 augment=config.data.augment,
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
-                after_optimizer_step=None
-                if averaging is None
-                else functools.partial(step_weight_average, averaging, model, decay=config.run.weight_average_decay),
+                after_optimizer_step=weight_average_hook(averaging, model, decay=config.run.weight_average_decay),
             )
         )
         if stopped:

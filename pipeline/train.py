@@ -11,7 +11,6 @@ committed checkpoint, and MLflow keeps exactly one value per epoch.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import os
@@ -349,11 +348,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     # would hide a collapse for a while, and the restore is of the trained weights).
     averaging = loop.new_weight_average(attack_model, decay=config.run.weight_average_decay)
     shipped_model = averaging["model"] if averaging else attack_model
-    update_average = (
-        functools.partial(loop.step_weight_average, averaging, attack_model, decay=config.run.weight_average_decay)
-        if averaging
-        else None
-    )
+    update_average = loop.weight_average_hook(averaging, attack_model, decay=config.run.weight_average_decay)
 
     optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
