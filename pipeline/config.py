@@ -83,6 +83,9 @@ class ModelConfig(_Component):
     name: Literal["small_cnn", "preact_resnet18", "wide_resnet"] = "small_cnn"
     width: int = Field(default=1, ge=1, description="Width multiplier (wide_resnet's k).")
     depth: int = Field(default=16, ge=10, description="wide_resnet depth (6n+4).")
+    activation: Literal["relu", "silu", "gelu"] = Field(
+        default="relu", description="Nonlinearity; silu/gelu are smooth (Xie et al. 2020), same weights and cost."
+    )
 
 
 class AttackConfig(_Component):

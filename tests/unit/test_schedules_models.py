@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.models import architecture, build_model
@@ -76,6 +77,46 @@ def test_models_are_channels_last_with_the_same_outputs_and_gradients(name, shap
     (grad_fast,) = torch.autograd.grad(out_fast[:, 0].sum(), x_fast)
     (grad_ref,) = torch.autograd.grad(out_ref[:, 0].sum(), x_ref)
     assert torch.allclose(grad_fast, grad_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("small_cnn", (1, 28, 28)), ("preact_resnet18", (3, 32, 32))])
+def test_smooth_activations_share_the_relu_weights_and_change_the_outputs(name, shape):
+    c = shape[0]
+
+    def arch_with(activation: str) -> dict:
+        config = ModelConfig(name=name, depth=10, activation=activation)
+        return architecture(config, shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c)
+
+    torch.manual_seed(0)
+    relu = build_model(arch_with("relu")).eval()
+    silu = build_model(arch_with("silu")).eval()
+    silu.load_state_dict(relu.state_dict())  # strict: no activation holds a parameter
+    assert not any(isinstance(m, torch.nn.ReLU) for m in silu.modules())
+    assert any(isinstance(m, torch.nn.SiLU) for m in silu.modules())
+    x = torch.rand(3, *shape)
+    out_relu, out_silu = relu(x), silu(x)
+    # Each ReLU swapped for SiLU: same weights, other function (its own forward, recomputed by hand for small_cnn).
+    assert not torch.allclose(out_relu, out_silu, atol=1e-3)
+    if name == "small_cnn":
+        net, h = silu[1], silu[0](x)
+        for layer in [*net.features, *net.classifier]:
+            h = F.silu(h) if isinstance(layer, torch.nn.SiLU) else layer(h)
+        assert torch.allclose(h, out_silu, atol=1e-5)
+    # A model registered before the option (no "activation" key) rebuilds as ReLU.
+    legacy = {k: v for k, v in arch_with("relu").items() if k != "activation"}
+    rebuilt = build_model(legacy).eval()
+    rebuilt.load_state_dict(relu.state_dict())
+    assert torch.equal(rebuilt(x), out_relu)
+
+
+def test_unknown_activations_are_refused():
+    from pipeline.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="activation"):
+        config_from_dict({"model": {"activation": "selu"}})
+    arch = architecture(ModelConfig(), shape=(1, 8, 8), num_classes=10, mean=(0.5,), std=(0.2,))
+    with pytest.raises(ValueError, match="unknown model activation 'swish'; allowed: relu, silu, gelu"):
+        build_model({**arch, "activation": "swish"})
 
 
 def test_bad_architectures_are_refused():
