@@ -83,25 +83,24 @@ def update_weight_average(average: nn.Module, model: nn.Module, *, decay: float,
 
 
 def new_weight_average(model: nn.Module, *, decay: float) -> dict[str, Any] | None:
-    """The state of a weight average of `model` (`{"model": frozen copy, "updates": 0}`), or None when
-    `decay` is 0 (off). Kept as a dict so that checkpoints and restores can save and set both."""
+    """The state of a weight average of `model` (`{"model": frozen copy, "decay": decay, "updates": 0}`), or
+    None when `decay` is 0 (off). Kept as a dict so that checkpoints and restores can save and set the
+    model and the update count (the decay comes from the config)."""
     if decay <= 0:
         return None
-    return {"model": copy.deepcopy(model).requires_grad_(False), "updates": 0}
+    return {"model": copy.deepcopy(model).requires_grad_(False), "decay": decay, "updates": 0}
 
 
-def step_weight_average(averaging: dict[str, Any], model: nn.Module, *, decay: float) -> None:
+def step_weight_average(averaging: dict[str, Any], model: nn.Module) -> None:
     """One update of `averaging` (from new_weight_average) towards `model`; run after each optimizer step."""
-    update_weight_average(averaging["model"], model, decay=decay, num_updates=averaging["updates"])
+    update_weight_average(averaging["model"], model, decay=averaging["decay"], num_updates=averaging["updates"])
     averaging["updates"] += 1
 
 
-def weight_average_hook(
-    averaging: dict[str, Any] | None, model: nn.Module, *, decay: float
-) -> Callable[[], None] | None:
+def weight_average_hook(averaging: dict[str, Any] | None, model: nn.Module) -> Callable[[], None] | None:
     """train_epoch's `after_optimizer_step`: step_weight_average bound to `averaging` and `model`, or None
     when averaging is off (`averaging` is None)."""
-    return None if averaging is None else functools.partial(step_weight_average, averaging, model, decay=decay)
+    return None if averaging is None else functools.partial(step_weight_average, averaging, model)
 
 
 def train_epoch(
@@ -310,7 +309,7 @@ def fit_plain(
                 mixed_precision=config.run.mixed_precision,
                 augment=config.data.augment,
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
-                after_optimizer_step=weight_average_hook(averaging, model, decay=config.run.weight_average_decay),
+                after_optimizer_step=weight_average_hook(averaging, model),
             )
         )
         if stopped:

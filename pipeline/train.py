@@ -348,7 +348,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     # would hide a collapse for a while, and the restore is of the trained weights).
     averaging = loop.new_weight_average(attack_model, decay=config.run.weight_average_decay)
     shipped_model = averaging["model"] if averaging else attack_model
-    update_average = loop.weight_average_hook(averaging, attack_model, decay=config.run.weight_average_decay)
+    update_average = loop.weight_average_hook(averaging, attack_model)
 
     optimizer = loop.make_optimizer(model, config.optim)
     steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
