@@ -47,10 +47,13 @@ class RunConfig(_Component):
         description="Register the epoch with the best validation robust accuracy, not the last one "
         "(robust overfitting, Rice et al. 2020); the chosen epoch is logged.",
     )
-    mixed_precision: Literal["none", "bf16"] = Field(
+    mixed_precision: Literal["none", "bf16", "auto"] = Field(
         default="none",
         description="bf16 autocast for training forwards and attack generation (CPU and CUDA); "
-        "validation, test and `advtrain evaluate` always run in fp32.",
+        "validation, test and `advtrain evaluate` always run in fp32. `auto`: bf16 where each worker's "
+        "device does bf16 in hardware (CUDA compute capability >= 8.0, CPUs with AVX-512-BF16 or AMX), "
+        "fp32 elsewhere, where emulated bf16 is ~10x slower; the run's tag advtrain.mixed_precision says "
+        "which ran.",
     )
     weight_average_decay: float = Field(
         default=0.0,

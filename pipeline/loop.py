@@ -103,6 +103,32 @@ def weight_average_hook(averaging: dict[str, Any] | None, model: nn.Module) -> C
     return None if averaging is None else functools.partial(step_weight_average, averaging, model)
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` does bf16 arithmetic in hardware: CUDA from compute capability 8.0 (Ampere), x86
+    CPUs with AVX-512-BF16 or AMX. Elsewhere bf16 autocast is emulated and slower than fp32, by ~10x for
+    our training steps on an AVX2-only CPU (benchmarks/mixed_precision.py), so "auto" must not pick it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        # Private probes of torch's own cpuinfo (there is no public one); a torch without them gets fp32,
+        # the safe side.
+        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        return bool(avx512_bf16() or amx())
+    return False
+
+
+def training_precision(setting: str, *, bf16_native: bool) -> str:
+    """`run.mixed_precision` as a worker runs it: "auto" is "bf16" where bf16 is native (bf16_is_native)
+    and "none" elsewhere; "bf16" and "none" are taken as given (an explicit "bf16" on emulating hardware
+    still runs bf16, with a warning from the caller: tests and numerics checks want exactly that)."""
+    if setting == "auto":
+        return "bf16" if bf16_native else "none"
+    if setting in ("none", "bf16"):
+        return setting
+    raise ValueError(f"run.mixed_precision = '{setting}'; allowed: none, bf16, auto")
+
+
 def train_epoch(
     model: nn.Module,
     attack_model: nn.Module,
@@ -126,11 +152,16 @@ def train_epoch(
 
     `replays` > 1 (free_at) steps the optimizer that many times on each minibatch; the sums then count
     every replay. `mixed_precision="bf16"` runs the method (attack generation and loss forward) under
-    bf16 autocast on the device's type; weights, optimizer state and gradients stay fp32.
+    bf16 autocast on the device's type; weights, optimizer state and gradients stay fp32. It takes the
+    resolved setting ("none" or "bf16"; `training_precision` resolves "auto").
     `on_step(step, seconds)` is called after each minibatch (all its replays) with that minibatch's
     training time; returning True ends the pass there (benchmarks that evaluate mid-epoch).
     `after_optimizer_step()` runs after every optimizer step (the weight average's update).
     """
+    if mixed_precision not in ("none", "bf16"):
+        raise ValueError(
+            f"train_epoch takes mixed_precision 'none' or 'bf16', not '{mixed_precision}' (resolve 'auto' first)"
+        )
     model.train()
     loss_sum = correct = count = 0.0
     eps = 0.0
@@ -280,6 +311,7 @@ def fit_plain(
     stats = []
     stopped = False
     averaging = new_weight_average(model, decay=config.run.weight_average_decay)
+    precision = training_precision(config.run.mixed_precision, bf16_native=bf16_is_native(device))
 
     def step_hook(epoch: int, step: int, seconds: float) -> bool:
         nonlocal stopped
@@ -306,7 +338,7 @@ def fit_plain(
                 device=device,
                 generator=generator,
                 replays=replays,
-                mixed_precision=config.run.mixed_precision,
+                mixed_precision=precision,
                 augment=config.data.augment,
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
                 after_optimizer_step=weight_average_hook(averaging, model),

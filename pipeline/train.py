@@ -380,14 +380,30 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             log.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
     # Where the ranks run (node ids, one per rank), recorded on the run: multi-node placement is visible
     # in MLflow, and changes after a node loss show in the tag of the latest worker group.
-    node_ids = [ray.get_runtime_context().get_node_id()]
+    # run.mixed_precision as this rank runs it: "auto" depends on this worker's device, which need not be
+    # the driver's (a CPU head node, GPU workers). The tag records every rank's, once per worker group.
+    precision = loop.training_precision(config.run.mixed_precision, bf16_native=loop.bf16_is_native(device))
+    placement = [(ray.get_runtime_context().get_node_id(), precision)]
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, node_ids[0])
-        node_ids = gathered
+        dist.all_gather_object(gathered, placement[0])
+        placement = gathered
+    node_ids = [node for node, _ in placement]
+    precisions = sorted({p for _, p in placement})
     already_logged = tracking.logged_epochs(uri, run_id, SENTINEL_METRIC) if rank == 0 else set()
     if rank == 0:
-        tracking.set_tags(uri, run_id, {"advtrain.worker_nodes": json.dumps(node_ids)})
+        tracking.set_tags(
+            uri,
+            run_id,
+            {"advtrain.worker_nodes": json.dumps(node_ids), "advtrain.mixed_precision": ",".join(precisions)},
+        )
+        log.info("training precision: %s (run.mixed_precision = %s)", ",".join(precisions), config.run.mixed_precision)
+        if config.run.mixed_precision == "bf16" and not loop.bf16_is_native(device):
+            log.warning(
+                "run.mixed_precision = 'bf16' on %s, which has no bf16 hardware: emulated bf16 trains ~10x slower "
+                "than fp32 here (benchmarks/mixed_precision.py); set run.mixed_precision = 'auto' or 'none'",
+                device,
+            )
         if checkpoint is not None:
             # Every restart (a replaced worker group or a resubmission) is on the run: when, from which
             # epoch, on which nodes. Operators read recovery times from it; tests assert the epoch.
@@ -449,7 +465,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             device=device,
             generator=generator,
             replays=replays,
-            mixed_precision=config.run.mixed_precision,
+            mixed_precision=precision,
             augment=config.data.augment,
             after_optimizer_step=update_average,
         )

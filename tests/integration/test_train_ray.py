@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import to_toml
+from pipeline.loop import bf16_is_native
 from pipeline.tracking import client_for
 from pipeline.train import run_training
 
@@ -36,7 +38,9 @@ def _config(digits_recipe, tmp_path, *overrides):
 @pytest.fixture(scope="module")
 def trained(ray_address, digits_recipe, tmp_path_factory, standard_baseline):
     tmp = tmp_path_factory.mktemp("train")
-    adversarial = run_training(_config(digits_recipe, tmp, "run.epochs=20"), config_name="at")
+    adversarial = run_training(
+        _config(digits_recipe, tmp, "run.epochs=20", 'run.mixed_precision="auto"'), config_name="at"
+    )
     return adversarial, standard_baseline
 
 
@@ -50,6 +54,9 @@ def test_one_metric_value_per_epoch(trained, mlflow_server):
     assert run.info.status == "FINISHED"
     assert run.data.params["attack.eps"] == "0.2" and run.data.params["scaling.num_workers"] == "2"
     assert "config.toml" in [a.path for a in client.list_artifacts(adversarial.mlflow_run_id)]
+    # "auto" resolved on the workers' device (both ranks: the same CPU): bf16 only with bf16 hardware.
+    assert run.data.params["run.mixed_precision"] == "auto"
+    assert run.data.tags["advtrain.mixed_precision"] == ("bf16" if bf16_is_native(torch.device("cpu")) else "none")
 
 
 def test_adversarial_training_beats_standard_by_30_points(trained):

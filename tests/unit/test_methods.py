@@ -1,5 +1,7 @@
 """Training objectives: contracts on a tiny model (no Ray)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +148,54 @@ def test_bf16_autocast_trains_with_fp32_weights(batch):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     # Outside the training step nothing is left in bf16: evaluation runs in fp32.
     assert model(x).dtype == torch.float32
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native():
+    from pipeline.loop import training_precision
+
+    assert training_precision("auto", bf16_native=True) == "bf16"
+    assert training_precision("auto", bf16_native=False) == "none"
+    # Explicit settings are taken as given, emulated bf16 included (the caller warns).
+    assert training_precision("bf16", bf16_native=False) == "bf16"
+    assert training_precision("none", bf16_native=True) == "none"
+    with pytest.raises(ValueError, match="allowed: none, bf16, auto"):
+        training_precision("fp16", bf16_native=True)
+
+
+def test_bf16_is_native_on_this_cpu_exactly_when_the_kernel_reports_bf16_hardware():
+    from pipeline.loop import bf16_is_native
+
+    # The kernel's view of the CPU, independent of torch's cpuinfo probes.
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert bf16_is_native(torch.device("cpu")) == bool({"avx512_bf16", "amx_bf16"} & flags), sorted(
+        f for f in flags if "avx512" in f or "amx" in f
+    )
+    assert not bf16_is_native(torch.device("meta"))
+
+
+def test_train_epoch_refuses_an_unresolved_precision(batch):
+    from pipeline.config import Config
+    from pipeline.loop import make_optimizer, train_epoch
+
+    model = _model()
+    optimizer = make_optimizer(model, Config().optim)
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        train_epoch(
+            model,
+            model,
+            [batch],
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            method=get_method("pgd_at"),
+            attack=AttackConfig(eps=0.2, num_steps=2),
+            eps_for_step=lambda step: 0.2,
+            attack_mode="eval",
+            device=torch.device("cpu"),
+            mixed_precision="auto",
+        )
 
 
 @pytest.mark.parametrize("name", ["trades", "mart"])
