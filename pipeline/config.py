@@ -52,7 +52,7 @@ class RunConfig(_Component):
         description="bf16 autocast for training forwards and attack generation (CPU and CUDA); "
         "validation, test and `advtrain evaluate` always run in fp32. `auto`: bf16 where each worker's "
         "device does bf16 in hardware (CUDA compute capability >= 8.0, CPUs with AVX-512-BF16 or AMX), "
-        "fp32 elsewhere, where emulated bf16 is ~10x slower; the run's tag advtrain.mixed_precision says "
+        "fp32 elsewhere, where emulated bf16 is ~15x slower; the run's tag advtrain.mixed_precision says "
         "which ran.",
     )
     weight_average_decay: float = Field(

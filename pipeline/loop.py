@@ -105,7 +105,7 @@ def weight_average_hook(averaging: dict[str, Any] | None, model: nn.Module) -> C
 
 def bf16_is_native(device: torch.device) -> bool:
     """Whether `device` does bf16 arithmetic in hardware: CUDA from compute capability 8.0 (Ampere), x86
-    CPUs with AVX-512-BF16 or AMX. Elsewhere bf16 autocast is emulated and slower than fp32, by ~10x for
+    CPUs with AVX-512-BF16 or AMX. Elsewhere bf16 autocast is emulated and slower than fp32, by ~15x for
     our training steps on an AVX2-only CPU (benchmarks/mixed_precision.py), so "auto" must not pick it."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
