@@ -400,8 +400,9 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         log.info("training precision: %s (run.mixed_precision = %s)", ",".join(precisions), config.run.mixed_precision)
         if config.run.mixed_precision == "bf16" and not loop.bf16_is_native(device):
             log.warning(
-                "run.mixed_precision = 'bf16' on %s, which has no bf16 hardware: emulated bf16 trains ~15x slower "
-                "than fp32 here (benchmarks/mixed_precision.py); set run.mixed_precision = 'auto' or 'none'",
+                "run.mixed_precision = 'bf16' on %s, which has no bf16 hardware: emulated bf16 trained ~15x "
+                "slower than fp32 on an AVX2-only CPU (benchmarks/mixed_precision.py); set run.mixed_precision = "
+                "'auto' or 'none'",
                 device,
             )
         if checkpoint is not None:
