@@ -382,7 +382,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     # in MLflow, and changes after a node loss show in the tag of the latest worker group.
     # run.mixed_precision as this rank runs it: "auto" depends on this worker's device, which need not be
     # the driver's (a CPU head node, GPU workers). The tag records every rank's, once per worker group.
-    precision = loop.training_precision(config.run.mixed_precision, bf16_native=loop.bf16_is_native(device))
+    bf16_native = loop.bf16_is_native(device)
+    precision = loop.training_precision(config.run.mixed_precision, bf16_native=bf16_native)
     placement = [(ray.get_runtime_context().get_node_id(), precision)]
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         gathered: list[Any] = [None] * world_size
@@ -398,7 +399,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             {"advtrain.worker_nodes": json.dumps(node_ids), "advtrain.mixed_precision": ",".join(precisions)},
         )
         log.info("training precision: %s (run.mixed_precision = %s)", ",".join(precisions), config.run.mixed_precision)
-        if config.run.mixed_precision == "bf16" and not loop.bf16_is_native(device):
+        if config.run.mixed_precision == "bf16" and not bf16_native:
             log.warning(
                 "run.mixed_precision = 'bf16' on %s, which has no bf16 hardware: emulated bf16 trained ~15x "
                 "slower than fp32 on an AVX2-only CPU (benchmarks/mixed_precision.py); set run.mixed_precision = "
