@@ -10,6 +10,8 @@ divided by its floor, built from primitives timed in the same run on the same ba
 
     pgd_at PGD-K:  K*A + T         fgsm_rs:  A + T          free_at (per replay):  T
     trades PGD-K:  F + K*A + T2    (clean prediction, K attack steps, one step on clean + adversarial)
+    pgd_at PGD-K + AWP:  K*A + 2T  (adversarial weight perturbation: one more forward + backward to the
+                                    weights on the same examples; its ratio to pgd_at PGD-K is AWP's cost)
 
 The ART row is the same PGD-10 step built from ART 1.20's ProjectedGradientDescentPyTorch (generate on
 the batch, then our clean training step on its output), divided by the same floor.
@@ -82,7 +84,7 @@ def main() -> None:
     batches = _batches(Path(args.data), args.batch_size, args.steps)
     eps = args.eps
 
-    def method_step(name: str, attack: AttackConfig, replays: int = 1) -> Callable[[], None]:
+    def method_step(name: str, attack: AttackConfig, replays: int = 1, awp_gamma: float = 0.0) -> Callable[[], None]:
         model, optimizer, scheduler = _fresh(arch)
         method = get_method(name, beta=6.0)
         generator = torch.Generator().manual_seed(0)
@@ -101,6 +103,7 @@ def main() -> None:
                 device=device,
                 generator=generator,
                 replays=replays,
+                awp_gamma=awp_gamma,
             )
 
         return run
@@ -188,6 +191,7 @@ def main() -> None:
         "pgd_at PGD-1": method_step("pgd_at", pgd(1)),
         "pgd_at PGD-3": method_step("pgd_at", pgd(3)),
         "pgd_at PGD-10": method_step("pgd_at", pgd(10)),
+        "pgd_at PGD-3 + AWP": method_step("pgd_at", pgd(3), awp_gamma=0.01),
         "fgsm_rs": method_step("fgsm_rs", fgsm),
         "free_at (1 replay)": method_step("free_at", AttackConfig(name="fgsm", eps=eps, num_steps=1)),
         "trades PGD-10": method_step("trades", pgd(10)),
@@ -207,6 +211,8 @@ def main() -> None:
         "pgd_at PGD-1": a + t,
         "pgd_at PGD-3": 3 * a + t,
         "pgd_at PGD-10": 10 * a + t,
+        # AWP's extra pass: forward + backward to the weights on the same examples, a clean step's work.
+        "pgd_at PGD-3 + AWP": 3 * a + 2 * t,
         "fgsm_rs": a + t,
         "free_at (1 replay)": t,
         "trades PGD-10": f + 10 * a + t2,

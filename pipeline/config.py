@@ -127,6 +127,17 @@ class MethodConfig(_Component):
     co_fallback_steps: int = Field(
         default=2, ge=2, description="PGD steps after a collapse (at least; multi-step methods double theirs)."
     )
+    awp_gamma: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.1,
+        description="Adversarial weight perturbation (Wu et al. 2020): each step moves every conv/linear weight by "
+        "awp_gamma x its norm along the gradient of the method's loss, trains there, then moves back. 0 = off; the "
+        "paper used 5e-3 (TRADES, MART, wide nets) to 1e-2 (PGD-AT). Costs one more forward + backward per step.",
+    )
+    awp_warmup_epochs: int = Field(
+        default=0, ge=0, description="Epochs trained without the weight perturbation before awp_gamma applies."
+    )
 
 
 class ScheduleConfig(_Component):
@@ -235,6 +246,11 @@ class Config(_Component):
             raise ValueError("method.name 'fgsm_rs' generates with FGSM: set attack.name = 'fgsm'")
         if self.attack.name == "fgsm" and self.attack.num_restarts != 1:
             raise ValueError("attack.num_restarts must be 1 for attack.name = 'fgsm'")
+        if self.method.awp_gamma > 0 and self.method.name == "free_at":
+            raise ValueError(
+                "method.awp_gamma applies to standard, pgd_at, fgsm_rs, trades and mart, not free_at (its replays "
+                "step weights and perturbation from one backward): set method.awp_gamma = 0 or change method.name"
+            )
         return self
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks import pgd
-from pipeline.config import AttackConfig, Config, OptimConfig
+from pipeline.config import AttackConfig, Config, MethodConfig, OptimConfig
 from pipeline.methods import SINGLE_STEP_METHODS, Method
 from pipeline.schedules import lr_factor
 
@@ -129,6 +129,46 @@ def training_precision(setting: str, *, bf16_native: bool) -> str:
     raise ValueError(f"run.mixed_precision = '{setting}'; allowed: none, bf16, auto")
 
 
+def perturb_weights(
+    network: nn.Module, loss_fn: Callable[[], torch.Tensor], *, gamma: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Adversarial weight perturbation (Wu, Xia & Wang 2020, arXiv:2004.05884, "Adversarial weight
+    perturbation helps robust generalization"): move every conv / linear weight of `network` (the
+    tensors with more than one dimension; biases and norm scales stay) by `gamma` times its own norm
+    along the gradient of `loss_fn()`, the method's loss on its adversarial examples. Returns the
+    (weight, shift) pairs to undo with `restore_weights` once the backward is done.
+
+    One gradient-ascent step, normalised per layer, is what the paper's proxy model computes. The pass
+    runs in train mode, as there; BatchNorm running statistics are put back so it leaves no trace.
+    """
+    weights = [param for param in network.parameters() if param.requires_grad and param.dim() > 1]
+    buffers = [buffer.clone() for buffer in network.buffers()]
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    shifts = []
+    with torch.no_grad():
+        for buffer, saved in zip(network.buffers(), buffers, strict=True):
+            buffer.copy_(saved)
+        for weight, grad in zip(weights, grads, strict=True):
+            if grad is None:
+                continue
+            shift = grad.float() * (gamma * weight.norm() / (grad.float().norm() + 1e-20))
+            weight.add_(shift)
+            shifts.append((weight, shift))
+    return shifts
+
+
+def restore_weights(shifts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Undo `perturb_weights`. The training loop does it between the backward and the optimizer step, as SAM
+    does (Foret et al. 2021): the gradient is the perturbed point's, the step (weight decay and momentum
+    included) starts from the unperturbed weights. Wu et al. undo after the step; that differs by
+    lr x weight_decay x shift, and under DDP, where each rank perturbs along its own shard's gradient,
+    it would let the replicas drift apart by that much every step."""
+    with torch.no_grad():
+        for weight, shift in shifts:
+            weight.sub_(shift)
+
+
 def train_epoch(
     model: nn.Module,
     attack_model: nn.Module,
@@ -145,6 +185,7 @@ def train_epoch(
     replays: int = 1,
     mixed_precision: str = "none",
     augment: str = "none",
+    awp_gamma: float = 0.0,
     on_step: Callable[[int, float], bool] | None = None,
     after_optimizer_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
@@ -154,6 +195,11 @@ def train_epoch(
     every replay. `mixed_precision="bf16"` runs the method (attack generation and loss forward) under
     bf16 autocast on the device's type; weights, optimizer state and gradients stay fp32. It takes the
     resolved setting ("none" or "bf16"; `training_precision` resolves "auto").
+    `awp_gamma` > 0 adds adversarial weight perturbation (`perturb_weights`) to every step: the method's
+    loss and its gradient are taken at the perturbed weights, the perturbation is undone, then the
+    optimizer steps. Each rank perturbs along its own shard's gradient (no extra all-reduce); the
+    all-reduced gradient steps identical unperturbed replicas, so they stay identical. The reported loss
+    and accuracy are those at the perturbed weights.
     `on_step(step, seconds)` is called after each minibatch (all its replays) with that minibatch's
     training time; returning True ends the pass there (benchmarks that evaluate mid-epoch).
     `after_optimizer_step()` runs after every optimizer step (the weight average's update).
@@ -167,6 +213,10 @@ def train_epoch(
     eps = 0.0
     started = time.perf_counter()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    shifts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    awp: dict[str, Callable[[Callable[[], torch.Tensor]], None]] = {}
+    if awp_gamma > 0:
+        awp["perturb_weights"] = lambda loss_fn: shifts.extend(perturb_weights(attack_model, loss_fn, gamma=awp_gamma))
     for step, (x, y) in enumerate(batches):
         step_started = time.perf_counter()
         x = x.to(device, non_blocking=True)
@@ -177,10 +227,20 @@ def train_epoch(
         for _ in range(replays):
             with autocast:
                 loss, logits = method(
-                    model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator
+                    model,
+                    attack_model,
+                    x,
+                    y,
+                    attack=attack,
+                    eps=eps,
+                    attack_mode=attack_mode,
+                    generator=generator,
+                    **awp,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            restore_weights(shifts)
+            shifts.clear()
             optimizer.step()
             scheduler.step()
             if after_optimizer_step is not None:
@@ -340,6 +400,7 @@ def fit_plain(
                 replays=replays,
                 mixed_precision=precision,
                 augment=config.data.augment,
+                awp_gamma=weight_perturbation_gamma(config.method, epoch),
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
                 after_optimizer_step=weight_average_hook(averaging, model),
             )
@@ -375,6 +436,11 @@ def collapsed(probe_acc: float, best_probe_acc: float, *, drop: float) -> bool:
     `drop` below the best it reached. Single-step training then yields a model that FGSM cannot fool
     but PGD fools almost always; the collapse happens within an epoch, so one epoch's drop is enough."""
     return probe_acc < best_probe_acc - drop
+
+
+def weight_perturbation_gamma(method: MethodConfig, epoch: int) -> float:
+    """`method.awp_gamma` from the epoch after `method.awp_warmup_epochs` on, 0 (no AWP) before it."""
+    return method.awp_gamma if epoch > method.awp_warmup_epochs else 0.0
 
 
 def fallback_attack(attack: AttackConfig, *, num_steps: int) -> AttackConfig:

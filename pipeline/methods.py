@@ -4,6 +4,11 @@
 unwrapped: attacks run on it so their input-gradient passes never trigger DDP's all-reduce. The
 method states the BatchNorm mode for attack generation (`attack_mode`) and puts the model back in
 train mode for the loss.
+
+Every method but free_at takes `perturb_weights`: a callable the training loop passes for adversarial
+weight perturbation (`pipeline/loop.py: perturb_weights`, Wu et al. 2020). The method hands it its own
+loss on the examples it just generated, computed on `attack_model`; the callable moves the weights, and
+the loss the method returns is then computed at the moved weights.
 """
 
 from __future__ import annotations
@@ -58,28 +63,68 @@ def _generate(
         attack_model.train(True)
 
 
-def standard(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None) -> MethodResult:
+WeightPerturbation = Callable[[Callable[[], torch.Tensor]], None]
+
+
+def _objective_at(
+    objective: Callable[[nn.Module], MethodResult],
+    model: nn.Module,
+    attack_model: nn.Module,
+    perturb_weights: WeightPerturbation | None,
+) -> MethodResult:
+    """objective(model), after `perturb_weights` has moved the weights along objective(attack_model)'s
+    gradient when AWP is on (the unwrapped network: that gradient is per rank, no all-reduce)."""
+    if perturb_weights is not None:
+        perturb_weights(lambda: objective(attack_model)[0])
+    return objective(model)
+
+
+def _cross_entropy_on(inputs: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], MethodResult]:
+    def objective(net: nn.Module) -> MethodResult:
+        logits = net(inputs)
+        return F.cross_entropy(logits, y), logits
+
+    return objective
+
+
+def standard(
+    model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, perturb_weights=None
+) -> MethodResult:
     """Plain empirical risk minimisation on clean inputs (the baseline)."""
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
+    return _objective_at(_cross_entropy_on(x, y), model, attack_model, perturb_weights)
 
 
-def pgd_at(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None) -> MethodResult:
+def pgd_at(
+    model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, perturb_weights=None
+) -> MethodResult:
     """PGD adversarial training (Madry et al. 2018, arXiv:1706.06083): minimise the loss on PGD examples."""
     if eps == 0:
-        return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
+        return standard(
+            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, perturb_weights=perturb_weights
+        )
     x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
-    logits = model(x_adv)
-    return F.cross_entropy(logits, y), logits
+    return _objective_at(_cross_entropy_on(x_adv, y), model, attack_model, perturb_weights)
 
 
-def fgsm_rs(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None) -> MethodResult:
+def fgsm_rs(
+    model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, perturb_weights=None
+) -> MethodResult:
     """FGSM with random start (Wong, Rice & Kolter 2020, arXiv:2001.03994, "Fast is better than free").
 
     Uniform start in the eps-ball, one signed step of `step_size_factor * eps` (1.25 in the paper).
     Same objective as pgd_at; the attack config (name fgsm, num_steps 1) makes it single-step.
     """
-    return pgd_at(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
+    return pgd_at(
+        model,
+        attack_model,
+        x,
+        y,
+        attack=attack,
+        eps=eps,
+        attack_mode=attack_mode,
+        generator=generator,
+        perturb_weights=perturb_weights,
+    )
 
 
 def _clean_and_adversarial_logits(model, x, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,14 +138,18 @@ def _clean_and_adversarial_logits(model, x, x_adv) -> tuple[torch.Tensor, torch.
     return logits[: len(x)], logits[len(x) :]
 
 
-def trades(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, beta=6.0) -> MethodResult:
+def trades(
+    model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, beta=6.0, perturb_weights=None
+) -> MethodResult:
     """TRADES (Zhang et al. 2019, arXiv:1901.08573): CE(f(x), y) + beta * KL(f(x) || f(x_adv)).
 
     x_adv maximises the KL divergence from the clean prediction (PGD on the KL, the attack config's
     steps and step size). beta trades clean accuracy for robustness; beta = 0 is standard training.
     """
     if eps == 0 or beta == 0:
-        return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
+        return standard(
+            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, perturb_weights=perturb_weights
+        )
     attack_model.train(attack_mode == "train")
     try:
         with torch.no_grad():
@@ -122,28 +171,40 @@ def trades(model, attack_model, x, y, *, attack, eps, attack_mode, generator=Non
         name="pgd",
         loss=kl_to_clean,
     )
-    logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
-    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + beta * robust, logits_adv
+
+    def objective(net: nn.Module) -> MethodResult:
+        logits, logits_adv = _clean_and_adversarial_logits(net, x, x_adv)
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + beta * robust, logits_adv
+
+    return _objective_at(objective, model, attack_model, perturb_weights)
 
 
-def mart(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, beta=6.0) -> MethodResult:
+def mart(
+    model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, beta=6.0, perturb_weights=None
+) -> MethodResult:
     """MART (Wang et al. 2020, ICLR, "Improving adversarial robustness requires revisiting misclassified
     examples"): boosted CE on x_adv + beta * KL(f(x) || f(x_adv)) weighted by (1 - p_y(x)), so that
     misclassified examples weigh more. x_adv from the configured attack (PGD-CE)."""
     if eps == 0:
-        return standard(model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode)
+        return standard(
+            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, perturb_weights=perturb_weights
+        )
     x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
-    logits, logits_adv = _clean_and_adversarial_logits(model, x, x_adv)
-    adv_probs = F.softmax(logits_adv, dim=1)
-    top2 = adv_probs.argsort(dim=1)[:, -2:]
-    # The most likely wrong class on the adversarial input.
-    other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
-    boosted_ce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), other)
-    clean_probs = F.softmax(logits, dim=1)
-    true_probs = clean_probs.gather(1, y[:, None]).squeeze(1)
-    kl = F.kl_div(torch.log(adv_probs + 1e-12), clean_probs, reduction="none").sum(1)
-    return boosted_ce + beta * (kl * (1.0000001 - true_probs)).mean(), logits_adv
+
+    def objective(net: nn.Module) -> MethodResult:
+        logits, logits_adv = _clean_and_adversarial_logits(net, x, x_adv)
+        adv_probs = F.softmax(logits_adv, dim=1)
+        top2 = adv_probs.argsort(dim=1)[:, -2:]
+        # The most likely wrong class on the adversarial input.
+        other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+        boosted_ce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), other)
+        clean_probs = F.softmax(logits, dim=1)
+        true_probs = clean_probs.gather(1, y[:, None]).squeeze(1)
+        kl = F.kl_div(torch.log(adv_probs + 1e-12), clean_probs, reduction="none").sum(1)
+        return boosted_ce + beta * (kl * (1.0000001 - true_probs)).mean(), logits_adv
+
+    return _objective_at(objective, model, attack_model, perturb_weights)
 
 
 def free_at(model, attack_model, x, y, *, attack, eps, attack_mode, generator=None, perturbation: dict) -> MethodResult:

@@ -469,6 +469,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             replays=replays,
             mixed_precision=precision,
             augment=config.data.augment,
+            awp_gamma=loop.weight_perturbation_gamma(config.method, epoch),
             after_optimizer_step=update_average,
         )
         val_started = time.perf_counter()

@@ -22,6 +22,8 @@ METHOD_OVERRIDES = {
     "free_at": ['attack.name="fgsm"', "attack.num_steps=1", "attack.step_size_factor=1.0", "method.replays=4"],
     "trades": ["attack.num_steps=5", "method.beta=6.0"],
     "mart": ["attack.num_steps=5", "method.beta=6.0"],
+    # Adversarial weight perturbation on top (Wu et al. 2020), through the Ray workers' DDP step.
+    "mart+awp": ["attack.num_steps=5", "method.beta=6.0", "method.awp_gamma=0.01"],
 }
 EPOCHS = 8
 
@@ -43,11 +45,12 @@ def standard_run(standard_baseline):
     return standard_baseline  # 8 epochs at this module's LR and ramp (tests/conftest.py)
 
 
-@pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
+@pytest.mark.parametrize("case", list(METHOD_OVERRIDES))
 def test_method_beats_standard_training_and_registers_its_best_epoch(
-    method, standard_run, digits_recipe, mlflow_server, tmp_path
+    case, standard_run, digits_recipe, mlflow_server, tmp_path
 ):
-    config = _config(digits_recipe, tmp_path, f'method.name="{method}"', *METHOD_OVERRIDES[method])
+    method = case.split("+")[0]
+    config = _config(digits_recipe, tmp_path, f'method.name="{method}"', *METHOD_OVERRIDES[case])
     summary = run_training(config, config_name=method)
 
     assert summary.val_robust_acc >= standard_run.val_robust_acc + 0.15, (method, summary, standard_run)
@@ -64,6 +67,7 @@ def test_method_beats_standard_training_and_registers_its_best_epoch(
     assert float(version.tags["val_robust_acc"]) == pytest.approx(dict(history)[best_epoch])
     params = client_for(mlflow_server).get_run(summary.mlflow_run_id).data.params
     assert params["method.attack_mode"] == "eval", "the BatchNorm policy of attack generation is logged"
+    assert float(params["method.awp_gamma"]) == config.method.awp_gamma
 
 
 def test_catastrophic_overfitting_guard_restores_falls_back_and_records(
