@@ -140,6 +140,7 @@ def perturb_weights(
 
     One gradient-ascent step, normalised per layer, is what the paper's proxy model computes. The pass
     runs in train mode, as there; BatchNorm running statistics are put back so it leaves no trace.
+    Call it inside the method's autocast region, like the rest of the method.
     """
     weights = [param for param in network.parameters() if param.requires_grad and param.dim() > 1]
     buffers = [buffer.clone() for buffer in network.buffers()]
@@ -155,6 +156,10 @@ def perturb_weights(
             shift = grad.float() * (gamma * weight.norm() / (grad.float().norm() + 1e-20))
             weight.add_(shift)
             shifts.append((weight, shift))
+    # Under autocast the bf16 copies of the weights are cached until the autocast region ends, and the
+    # cache does not see in-place changes: without this the method's loss would be taken at the
+    # unperturbed weights in bf16 (AWP silently off).
+    torch.clear_autocast_cache()
     return shifts
 
 

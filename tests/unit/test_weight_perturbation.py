@@ -97,7 +97,7 @@ def test_every_method_hands_its_own_loss_to_the_perturbation(name, batch):
     assert seen == [pytest.approx(float(plain))] and float(with_hook) == pytest.approx(float(plain))
 
 
-def _one_step(batch, *, awp_gamma, lr):
+def _one_step(batch, *, awp_gamma, lr, precision="none"):
     model = _model()
     optimizer = make_optimizer(model, Config().optim.model_copy(update={"name": "sgd", "lr": lr, "momentum": 0.0}))
     stats = train_epoch(
@@ -113,21 +113,25 @@ def _one_step(batch, *, awp_gamma, lr):
         device=torch.device("cpu"),
         generator=torch.Generator().manual_seed(3),
         awp_gamma=awp_gamma,
+        mixed_precision=precision,
     )
     return model, stats
 
 
-def test_train_epoch_takes_the_gradient_at_the_perturbed_weights_and_steps_from_the_unperturbed_ones(batch):
+# bf16: autocast caches the bf16 copies of the weights for its whole region, blind to in-place changes;
+# without clearing that cache the loss would be the unperturbed one.
+@pytest.mark.parametrize("precision", ["none", "bf16"])
+def test_train_epoch_takes_the_gradient_at_the_perturbed_weights_and_steps_from_the_unperturbed_ones(batch, precision):
     initial = _model()
     # No optimizer step: the weights come back exactly, and the loss was taken uphill of them.
-    _, plain = _one_step(batch, awp_gamma=0.0, lr=0.0)
-    perturbed, awp = _one_step(batch, awp_gamma=0.05, lr=0.0)
+    _, plain = _one_step(batch, awp_gamma=0.0, lr=0.0, precision=precision)
+    perturbed, awp = _one_step(batch, awp_gamma=0.05, lr=0.0, precision=precision)
     for a, b in zip(initial.parameters(), perturbed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert awp["loss_sum"] > plain["loss_sum"]
     # With a step, it is the gradient at the perturbed point: a different update from plain PGD-AT's.
-    stepped_plain, _ = _one_step(batch, awp_gamma=0.0, lr=0.1)
-    stepped_awp, _ = _one_step(batch, awp_gamma=0.05, lr=0.1)
+    stepped_plain, _ = _one_step(batch, awp_gamma=0.0, lr=0.1, precision=precision)
+    stepped_awp, _ = _one_step(batch, awp_gamma=0.05, lr=0.1, precision=precision)
     updates = [
         (float((p - i).norm()), float((q - p).norm()))
         for i, p, q in zip(initial.parameters(), stepped_plain.parameters(), stepped_awp.parameters(), strict=True)
