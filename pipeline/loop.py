@@ -153,7 +153,8 @@ def perturb_weights(
         for weight, grad in zip(weights, grads, strict=True):
             if grad is None:
                 continue
-            shift = grad.float() * (gamma * weight.norm() / (grad.float().norm() + 1e-20))
+            grad = grad.float()
+            shift = grad * (gamma * weight.norm() / (grad.norm() + 1e-20))
             weight.add_(shift)
             shifts.append((weight, shift))
     # Under autocast the bf16 copies of the weights are cached until the autocast region ends, and the

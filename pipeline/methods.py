@@ -99,9 +99,7 @@ def pgd_at(
 ) -> MethodResult:
     """PGD adversarial training (Madry et al. 2018, arXiv:1706.06083): minimise the loss on PGD examples."""
     if eps == 0:
-        return standard(
-            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, perturb_weights=perturb_weights
-        )
+        return _objective_at(_cross_entropy_on(x, y), model, attack_model, perturb_weights)  # standard training
     x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
     return _objective_at(_cross_entropy_on(x_adv, y), model, attack_model, perturb_weights)
 
@@ -147,9 +145,7 @@ def trades(
     steps and step size). beta trades clean accuracy for robustness; beta = 0 is standard training.
     """
     if eps == 0 or beta == 0:
-        return standard(
-            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, perturb_weights=perturb_weights
-        )
+        return _objective_at(_cross_entropy_on(x, y), model, attack_model, perturb_weights)  # standard training
     attack_model.train(attack_mode == "train")
     try:
         with torch.no_grad():
@@ -187,9 +183,7 @@ def mart(
     examples"): boosted CE on x_adv + beta * KL(f(x) || f(x_adv)) weighted by (1 - p_y(x)), so that
     misclassified examples weigh more. x_adv from the configured attack (PGD-CE)."""
     if eps == 0:
-        return standard(
-            model, attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, perturb_weights=perturb_weights
-        )
+        return _objective_at(_cross_entropy_on(x, y), model, attack_model, perturb_weights)  # standard training
     x_adv = _generate(attack_model, x, y, attack=attack, eps=eps, attack_mode=attack_mode, generator=generator)
 
     def objective(net: nn.Module) -> MethodResult:
