@@ -100,6 +100,15 @@ def _run_state(storage: str, name: str) -> str:
     return "resumable" if has_checkpoint else "new"
 
 
+def finished_run_record(storage: str, name: str) -> dict[str, Any] | None:
+    """What a finished run wrote at its end (its MLflow run id and summary), or None if it has not finished."""
+    if _run_state(storage, name) != "finished":
+        return None
+    fs, base = _fs_and_path(storage)
+    with fs.open_input_stream(f"{base.rstrip('/')}/{name}/{FINISHED_MARKER}") as f:
+        return json.loads(f.read())
+
+
 def unique_run_name(prefix: str = "run") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 

@@ -46,7 +46,13 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, _tables, _unknown, config_from_dict, to_toml
-from pipeline.train import TRIAL_DRIVER_RESOURCE, absolute_locations, run_training, unique_run_name
+from pipeline.train import (
+    TRIAL_DRIVER_RESOURCE,
+    absolute_locations,
+    finished_run_record,
+    run_training,
+    unique_run_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +263,10 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, pa
     trial_id = tune.get_context().get_trial_id()
     name = f"{search_name}-{trial_id}"
     config = config_from_dict(base, {**params, "run.name": name})
+    recorded = finished_trial_metrics(config)
+    if recorded is not None:
+        tune.report(recorded)
+        return
     run_training(
         config,
         config_name=search_name,
@@ -265,6 +275,28 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, pa
         callbacks=[TuneReportCallback()],
         objective_clean_weight=clean_weight,
     )
+
+
+def finished_trial_metrics(config: Config) -> dict[str, float] | None:
+    """The last epoch's metrics of a trial whose training run already finished, else None.
+
+    A driver that dies after a trial's run ended but before Tune saved the trial as done leaves it
+    pending; the resumed search calls the trial again, and training it again would be refused (the run
+    is finished). The trial then reports what its run recorded instead. Its MLflow run is closed here
+    too, in case the driver died between the finished marker and closing it.
+    """
+    record = finished_run_record(config.run.storage_path, config.run.name)
+    if record is None:
+        return None
+    uri, run_id = config.tracking.uri, record["mlflow_run_id"]
+    if tracking.client_for(uri).get_run(run_id).info.status == "RUNNING":
+        tracking.end_run(uri, run_id, status="FINISHED")
+    metrics = tracking.client_for(uri).get_run(run_id).data.metrics
+    epochs = len(tracking.metric_history(uri, run_id, "objective"))
+    return {
+        **{k: v for k, v in metrics.items() if not k.startswith(("test/", "registered/"))},
+        "epoch": epochs,
+    }
 
 
 def _absolute(config: Config, cwd: Path) -> Config:

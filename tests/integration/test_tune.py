@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.tracking import client_for, metric_history
 from pipeline.train import run_training
-from pipeline.tune import load_search, run_search
+from pipeline.tune import finished_trial_metrics, load_search, run_search
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,23 @@ def test_search_runs_trials_stops_weak_ones_and_writes_a_best_config_that_trains
         assert child.info.status == ("FINISHED" if row.status == "completed" else "KILLED")
         epochs = [s for s, _ in metric_history(mlflow_server, child.info.run_id, "val/robust_acc")]
         assert epochs == list(range(1, row.epochs_run + 1)), "one value per epoch, as many as the trial ran"
+    # A resumed search calls again a trial whose run finished just before the driver died (Tune had not
+    # saved it as done): the trial reports what its run recorded, and the run is left as it was.
+    for row in summary.rows:
+        child = next(c for c in children if c.info.run_name == row.run_name)
+        recorded = finished_trial_metrics(
+            config.model_copy(update={"run": config.run.model_copy(update={"name": row.run_name})})
+        )
+        if row.status != "completed":
+            assert recorded is None, row
+            continue
+        assert recorded["epoch"] == EPOCHS and recorded["val/robust_acc"] == pytest.approx(row.robust)
+        assert recorded["objective"] == pytest.approx(
+            metric_history(mlflow_server, child.info.run_id, "objective")[-1][1]
+        )
+        assert not any(key.startswith(("test/", "registered/")) for key in recorded)
+        again = client.get_run(child.info.run_id).info
+        assert (again.status, again.end_time) == ("FINISHED", child.info.end_time)
     artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id, "search")}
     assert {"search/best_config.toml", "search/clean_vs_robust.png", "search/trials.json"} <= artifacts
 
