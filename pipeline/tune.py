@@ -265,6 +265,11 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, pa
     config = config_from_dict(base, {**params, "run.name": name})
     recorded = finished_trial_metrics(config)
     if recorded is not None:
+        log.warning(
+            "trial %s: its run %s finished before the search was interrupted; reporting what it recorded",
+            trial_id,
+            name,
+        )
         tune.report(recorded)
         return
     run_training(
