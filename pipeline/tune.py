@@ -294,9 +294,10 @@ def finished_trial_metrics(config: Config) -> dict[str, float] | None:
     if record is None:
         return None
     uri, run_id = config.tracking.uri, record["mlflow_run_id"]
-    if tracking.client_for(uri).get_run(run_id).info.status == "RUNNING":
+    run = tracking.client_for(uri).get_run(run_id)
+    if run.info.status == "RUNNING":
         tracking.end_run(uri, run_id, status="FINISHED")
-    metrics = tracking.client_for(uri).get_run(run_id).data.metrics
+    metrics = run.data.metrics
     epochs = len(tracking.metric_history(uri, run_id, "objective"))
     return {
         **{k: v for k, v in metrics.items() if not k.startswith(("test/", "registered/"))},
