@@ -87,10 +87,14 @@ def absolute_locations(config: Config, base: Path) -> tuple[Path, str]:
     return data_path, _storage_uri(storage if "://" in storage else str(base / storage))
 
 
+def _run_dir(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    fs, base = _fs_and_path(storage)
+    return fs, f"{base.rstrip('/')}/{name}"
+
+
 def _run_state(storage: str, name: str) -> str:
     """'new', 'resumable' (has checkpoints) or 'finished'."""
-    fs, base = _fs_and_path(storage)
-    run_dir = f"{base.rstrip('/')}/{name}"
+    fs, run_dir = _run_dir(storage, name)
     if fs.get_file_info(f"{run_dir}/{FINISHED_MARKER}").type == pyarrow.fs.FileType.File:
         return "finished"
     if fs.get_file_info(run_dir).type != pyarrow.fs.FileType.Directory:
@@ -102,11 +106,12 @@ def _run_state(storage: str, name: str) -> str:
 
 def finished_run_record(storage: str, name: str) -> dict[str, Any] | None:
     """What a finished run wrote at its end (its MLflow run id and summary), or None if it has not finished."""
-    if _run_state(storage, name) != "finished":
+    fs, run_dir = _run_dir(storage, name)
+    try:
+        with fs.open_input_stream(f"{run_dir}/{FINISHED_MARKER}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
         return None
-    fs, base = _fs_and_path(storage)
-    with fs.open_input_stream(f"{base.rstrip('/')}/{name}/{FINISHED_MARKER}") as f:
-        return json.loads(f.read())
 
 
 def unique_run_name(prefix: str = "run") -> str:
@@ -219,8 +224,8 @@ def run_training(
         tracking.end_run(uri, run_id, status="FAILED")
         raise
     summary: dict[str, Any] = result.return_value
-    fs, path = _fs_and_path(storage)
-    with fs.open_output_stream(f"{path.rstrip('/')}/{name}/{FINISHED_MARKER}") as f:
+    fs, run_dir = _run_dir(storage, name)
+    with fs.open_output_stream(f"{run_dir}/{FINISHED_MARKER}") as f:
         f.write(json.dumps({"mlflow_run_id": run_id, **summary}).encode())
     tracking.end_run(uri, run_id, status="FINISHED")
     return TrainSummary(

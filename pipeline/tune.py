@@ -297,11 +297,10 @@ def finished_trial_metrics(config: Config) -> dict[str, float] | None:
     run = tracking.client_for(uri).get_run(run_id)
     if run.info.status == "RUNNING":
         tracking.end_run(uri, run_id, status="FINISHED")
-    metrics = run.data.metrics
-    epochs = len(tracking.metric_history(uri, run_id, "objective"))
+    # A finished run trained every epoch (a stopped one never writes the marker).
     return {
-        **{k: v for k, v in metrics.items() if not k.startswith(("test/", "registered/"))},
-        "epoch": epochs,
+        **{k: v for k, v in run.data.metrics.items() if not k.startswith(("test/", "registered/"))},
+        "epoch": config.run.epochs,
     }
 
 
