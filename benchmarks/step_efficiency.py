@@ -86,7 +86,7 @@ def main() -> None:
 
     def method_step(name: str, attack: AttackConfig, replays: int = 1, awp_gamma: float = 0.0) -> Callable[[], None]:
         model, optimizer, scheduler = _fresh(arch)
-        method = get_method(name, beta=6.0)
+        method = get_method(name)
         generator = torch.Generator().manual_seed(0)
 
         def run() -> None:

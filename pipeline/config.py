@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-ATTACK_NAMES = ("fgsm", "pgd")
-METHOD_NAMES = ("standard", "pgd_at", "fgsm_rs", "free_at", "trades", "mart")
-MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -27,6 +24,37 @@ class ConfigError(ValueError):
 class _Component(BaseModel):
     # strict: TOML already gives typed values, so "yes" must not become True nor 2.5 become 2.
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def registered_name(value: str, names: Iterable[str], kind: str) -> str:
+    """`value` if it is one of a registry's `names`, else a ValueError listing them (and the closest).
+    Plug-in names are checked against their registry, never against a second list kept here."""
+    names = list(names)
+    if value in names:
+        return value
+    close = difflib.get_close_matches(value, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"'{value}' is not a registered {kind}.{hint} Allowed: {', '.join(names)}")
+
+
+# The registries live with their plug-ins (attacks, methods, models), which import this module for their
+# config types; hence the imports inside the validators.
+def _model_name(value: str) -> str:
+    from pipeline.models import MODELS
+
+    return registered_name(value, MODELS, "model")
+
+
+def _training_attack_name(value: str) -> str:
+    from pipeline.attacks import TRAINING_ATTACKS
+
+    return registered_name(value, TRAINING_ATTACKS, "training attack")
+
+
+def _method_name(value: str) -> str:
+    from pipeline.methods import METHODS
+
+    return registered_name(value, METHODS, "method")
 
 
 class RunConfig(_Component):
@@ -83,18 +111,23 @@ class DataConfig(_Component):
 
 
 class ModelConfig(_Component):
-    name: Literal["small_cnn", "preact_resnet18", "wide_resnet"] = "small_cnn"
+    name: str = Field(default="small_cnn", description="A built-in architecture (pipeline.models.MODELS).")
     width: int = Field(default=1, ge=1, description="Width multiplier (wide_resnet's k).")
     depth: int = Field(default=16, ge=10, description="wide_resnet depth (6n+4).")
     activation: Literal["relu", "silu", "gelu"] = Field(
         default="relu", description="Nonlinearity; silu/gelu are smooth (Xie et al. 2020), same weights and cost."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return _model_name(value)
+
 
 class AttackConfig(_Component):
     """The attack used to generate training examples."""
 
-    name: Literal["fgsm", "pgd"] = "pgd"
+    name: str = Field(default="pgd", description="A training attack (pipeline.attacks, those marked trains).")
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(default=0.1, ge=0.0, description="Radius in pixel space [0,1].")
     num_steps: int = Field(default=7, ge=1)
@@ -103,9 +136,14 @@ class AttackConfig(_Component):
     random_start: bool = True
     num_restarts: int = Field(default=1, ge=1)
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return _training_attack_name(value)
+
 
 class MethodConfig(_Component):
-    name: Literal["standard", "pgd_at", "fgsm_rs", "free_at", "trades", "mart"] = "pgd_at"
+    name: str = Field(default="pgd_at", description="A training objective (pipeline.methods.METHODS).")
     attack_mode: Literal["eval", "train"] = Field(
         default="eval",
         description="BatchNorm mode while generating training attacks (logged; eval keeps "
@@ -142,6 +180,11 @@ class MethodConfig(_Component):
         "BatchNorm need at least 1: from the first step, AWP held small_cnn at chance on Fashion-MNIST (the "
         "fixed-size perturbation outweighs the tiny gradient of the initial plateau).",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return _method_name(value)
 
 
 class ScheduleConfig(_Component):
@@ -241,19 +284,28 @@ class Config(_Component):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        if self.method.name != "standard" and self.attack.eps == 0.0:
+        from pipeline.methods import METHODS
+
+        spec = METHODS[_method_name(self.method.name)]  # configs built by model_copy skip field validators
+        if spec.adversarial and self.attack.eps == 0.0:
             raise ValueError(
                 f"attack.eps is 0 but method.name is '{self.method.name}': set attack.eps > 0 "
                 "or use method.name = 'standard'"
             )
-        if self.method.name == "fgsm_rs" and self.attack.name != "fgsm":
-            raise ValueError("method.name 'fgsm_rs' generates with FGSM: set attack.name = 'fgsm'")
-        if self.attack.name == "fgsm" and self.attack.num_restarts != 1:
-            raise ValueError("attack.num_restarts must be 1 for attack.name = 'fgsm'")
-        if self.method.awp_gamma > 0 and self.method.name == "free_at":
+        if spec.attack is not None and self.attack.name != spec.attack:
             raise ValueError(
-                "method.awp_gamma applies to standard, pgd_at, fgsm_rs, trades and mart, not free_at (its replays "
-                "step weights and perturbation from one backward): set method.awp_gamma = 0 or change method.name"
+                f"method.name '{self.method.name}' generates with {spec.attack}: set attack.name = '{spec.attack}'"
+            )
+        if self.attack.name == "fgsm" and (self.attack.num_restarts != 1 or self.attack.num_steps != 1):
+            raise ValueError(
+                "attack.name = 'fgsm' is one step with no restarts: set attack.num_steps = 1 and "
+                "attack.num_restarts = 1, or use attack.name = 'pgd'"
+            )
+        if self.method.awp_gamma > 0 and not spec.weight_perturbation:
+            takes = ", ".join(name for name, other in METHODS.items() if other.weight_perturbation)
+            raise ValueError(
+                f"method.awp_gamma applies to {takes}, not {self.method.name} (its replays step weights and "
+                "perturbation from one backward): set method.awp_gamma = 0 or change method.name"
             )
         return self
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.attacks import pgd
 from pipeline.config import AttackConfig, Config, MethodConfig, OptimConfig
-from pipeline.methods import SINGLE_STEP_METHODS, Method
+from pipeline.methods import Method, method_spec
 from pipeline.schedules import lr_factor
 
 
@@ -373,7 +373,7 @@ def fit_plain(
     steps = -(-len(y) // config.data.batch_size)
     replays = method_replays(config.method.name, config.method.replays)
     scheduler = make_scheduler(optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps * replays)
-    method = get_method(config.method.name, beta=config.method.beta)
+    method = get_method(config.method.name, config.method)
     stats = []
     stopped = False
     averaging = new_weight_average(model, decay=config.run.weight_average_decay)
@@ -461,6 +461,6 @@ def fallback_training(method_name: str, attack: AttackConfig, *, min_steps: int)
     """What a run trains with after a collapse. Single-step methods switch to pgd_at with PGD-`min_steps`.
     Few-step PGD collapses too (MART with PGD-3 did on Fashion-MNIST at the one-cycle peak, see
     benchmarks/RESULTS.md), so a multi-step method keeps its objective with twice the attack steps."""
-    if method_name in SINGLE_STEP_METHODS:
+    if method_spec(method_name).single_step:
         return "pgd_at", fallback_attack(attack, num_steps=min_steps)
     return method_name, fallback_attack(attack, num_steps=max(min_steps, 2 * attack.num_steps))

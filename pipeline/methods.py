@@ -14,6 +14,7 @@ the loss the method returns is then computed at the moved weights.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from pipeline.attacks import get_attack
 from pipeline.attacks.pgd import _per_example_norm
-from pipeline.config import AttackConfig
+from pipeline.config import AttackConfig, MethodConfig
 from pipeline.schedules import step_size
 
 MethodResult = tuple[torch.Tensor, torch.Tensor]
@@ -242,32 +243,66 @@ def free_at(model, attack_model, x, y, *, attack, eps, attack_mode, generator=No
 
 
 Method = Callable[..., MethodResult]
-METHODS: dict[str, Method] = {
-    "standard": standard,
-    "pgd_at": pgd_at,
-    "fgsm_rs": fgsm_rs,
-    "free_at": free_at,
-    "trades": trades,
-    "mart": mart,
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One training objective and what the rest of the pipeline needs to know about it, so that nothing
+    outside this module branches on a method's name.
+
+    - `fn`: the objective, `fn(model, attack_model, x, y, *, attack, eps, attack_mode, generator, ...)`.
+    - `adversarial`: trains on attacked inputs (needs attack.eps > 0; the collapse guard applies).
+    - `single_step`: one attack step per minibatch, the methods prone to catastrophic overfitting (Wong
+      et al. 2020); after a collapse they switch to pgd_at, multi-step ones keep their objective.
+    - `replays`: steps the optimizer `method.replays` times on each minibatch (free_at); 1 otherwise.
+    - `settings`: the MethodConfig fields bound into `fn` (`beta`).
+    - `weight_perturbation`: takes AWP's `perturb_weights` hook.
+    - `persistent_perturbation`: keeps a perturbation across minibatches (free_at), fresh per build.
+    - `attack`: the training attack it must use, if any (fgsm_rs generates with fgsm).
+    """
+
+    fn: Method
+    adversarial: bool = True
+    single_step: bool = False
+    replays: bool = False
+    settings: tuple[str, ...] = ()
+    weight_perturbation: bool = True
+    persistent_perturbation: bool = False
+    attack: str | None = None
+
+
+METHODS: dict[str, MethodSpec] = {
+    "standard": MethodSpec(standard, adversarial=False),
+    "pgd_at": MethodSpec(pgd_at),
+    "fgsm_rs": MethodSpec(fgsm_rs, single_step=True, attack="fgsm"),
+    "free_at": MethodSpec(
+        free_at, single_step=True, replays=True, weight_perturbation=False, persistent_perturbation=True
+    ),
+    "trades": MethodSpec(trades, settings=("beta",)),
+    "mart": MethodSpec(mart, settings=("beta",)),
 }
-# Single-step methods: the ones prone to catastrophic overfitting (Wong et al. 2020), hence guarded.
-SINGLE_STEP_METHODS = ("fgsm_rs", "free_at")
 
 
-def get_method(name: str, *, beta: float = 6.0) -> Method:
-    """The method by name, with its own knobs bound (beta for trades / mart; a fresh persistent
-    perturbation for free_at, so each call gives an independent training run its own state)."""
+def method_spec(name: str) -> MethodSpec:
     try:
-        method = METHODS[name]
+        return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method '{name}'; allowed: {', '.join(METHODS)}") from None
-    if name in ("trades", "mart"):
-        return partial(method, beta=beta)
-    if name == "free_at":
-        return partial(method, perturbation={})
-    return method
+
+
+def get_method(name: str, settings: MethodConfig | None = None) -> Method:
+    """The method by name with its settings bound from `settings` (MethodConfig defaults when None) and,
+    for free_at, a fresh persistent perturbation, so each call gives an independent training run its own
+    state. A setting's value comes from the config whatever `settings.name` is: a collapse fallback
+    builds pgd_at from the run's MethodConfig."""
+    spec = method_spec(name)
+    settings = settings or MethodConfig()
+    bound: dict[str, object] = {key: getattr(settings, key) for key in spec.settings}
+    if spec.persistent_perturbation:
+        bound["perturbation"] = {}
+    return partial(spec.fn, **bound) if bound else spec.fn
 
 
 def replays(method_name: str, configured: int) -> int:
-    """Optimizer steps per minibatch: `configured` (m) for free_at, 1 for every other method."""
-    return configured if method_name == "free_at" else 1
+    """Optimizer steps per minibatch: `configured` (m) for a replaying method, 1 for every other."""
+    return configured if method_spec(method_name).replays else 1

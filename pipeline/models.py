@@ -7,6 +7,7 @@ safetensors weights, so a registered model loads without unpickling any code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,6 +143,29 @@ class WideResNet(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
+def _small_cnn(c: int, h: int, w: int, *, num_classes: int, width: int, depth: int, activation: str) -> nn.Module:
+    if h != w or h % 4:
+        raise ValueError(f"small_cnn needs square images with side divisible by 4, got {h}x{w}")
+    return SmallCNN(c, h, num_classes, width, activation)
+
+
+def _preact_resnet18(c: int, h: int, w: int, *, num_classes: int, width: int, depth: int, activation: str) -> nn.Module:
+    return PreActResNet18(c, num_classes, width, activation)
+
+
+def _wide_resnet(c: int, h: int, w: int, *, num_classes: int, width: int, depth: int, activation: str) -> nn.Module:
+    return WideResNet(c, num_classes, depth, width, activation)
+
+
+# The built-in architectures: name -> builder(channels, height, width, *, num_classes, width, depth,
+# activation) of the network behind the Normalize layer. `model.name` is checked against this dict.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": _small_cnn,
+    "preact_resnet18": _preact_resnet18,
+    "wide_resnet": _wide_resnet,
+}
+
+
 def architecture(
     config: ModelConfig,
     *,
@@ -172,17 +196,11 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
         raise ValueError(f"unknown model activation '{activation}'; allowed: {', '.join(ACTIVATIONS)}")
     if len(arch["mean"]) != c or len(arch["std"]) != c:
         raise ValueError(f"mean/std need {c} channel values, got {arch['mean']} / {arch['std']}")
-    match name:
-        case "small_cnn":
-            if h != w or h % 4:
-                raise ValueError(f"small_cnn needs square images with side divisible by 4, got {h}x{w}")
-            net: nn.Module = SmallCNN(c, h, num_classes, width, activation)
-        case "preact_resnet18":
-            net = PreActResNet18(c, num_classes, width, activation)
-        case "wide_resnet":
-            net = WideResNet(c, num_classes, arch.get("depth", 28), width, activation)
-        case _:
-            raise ValueError(f"unknown model.name '{name}'; allowed: small_cnn, preact_resnet18, wide_resnet")
+    if name not in MODELS:
+        raise ValueError(f"unknown model.name '{name}'; allowed: {', '.join(MODELS)}")
+    net = MODELS[name](
+        c, h, w, num_classes=num_classes, width=width, depth=arch.get("depth", 28), activation=activation
+    )
     model = nn.Sequential(Normalize(tuple(arch["mean"]), tuple(arch["std"])), net)
     # channels_last (NHWC) conv weights make every conv run in NHWC, inputs included: oneDNN's and
     # cuDNN's fast conv path (and the one tensor cores want under autocast). Measured here on CPU:

@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import data as data_lib
 from pipeline import loop, tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
-from pipeline.methods import get_method
+from pipeline.methods import get_method, method_spec
 from pipeline.methods import replays as method_replays
 from pipeline.models import architecture, build_model
 
@@ -431,7 +431,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             if row["epoch"] not in already_logged:
                 tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
                 already_logged.add(row["epoch"])
-    guarded = config.method.co_guard and config.method.name != "standard"
+    guarded = config.method.co_guard and method_spec(config.method.name).adversarial
     last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded, averaging=averaging)
     # What the run trains with once a collapse is caught (named in the event, used every later epoch).
     fallback_method, fallback_attack = loop.fallback_training(
@@ -466,7 +466,7 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
             method_name, epoch_attack = fallback_method, fallback_attack
         # A fresh method per epoch: free_at's persistent perturbation restarts at zero each epoch, so a
         # resumed or restored epoch trains exactly as it first did.
-        method = get_method(method_name, beta=config.method.beta)
+        method = get_method(method_name, config.method)
 
         train = loop.train_epoch(
             model,

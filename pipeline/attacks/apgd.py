@@ -135,7 +135,6 @@ def apgd(
     loss: str = "ce",
     rho: float = 0.75,
     generator: torch.Generator | None = None,
-    **_: object,
 ) -> torch.Tensor:
     """APGD with the cross-entropy (`loss="ce"`, APGD-CE) or DLR loss (`loss="dlr"`, APGD-DLR).
 
@@ -181,7 +180,6 @@ def apgd_targeted(
     num_target_classes: int = 9,
     rho: float = 0.75,
     generator: torch.Generator | None = None,
-    **_: object,
 ) -> torch.Tensor:
     """APGD-T: targeted DLR loss, one run per target among the top `num_target_classes` other classes
     (highest logits first), each only on examples still robust (Croce & Hein 2020, AutoAttack)."""

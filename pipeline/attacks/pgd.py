@@ -6,7 +6,7 @@ Attacks never call `loss.backward()`: under DDP that would all-reduce once per a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +19,22 @@ Norm = Literal["linf", "l2"]
 
 
 class Attack(Protocol):
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: object) -> torch.Tensor: ...
+    """The one signature every attack shares: the model, clean x (N, C, H, W) in [0,1] and labels y (N,),
+    then keyword-only eps, norm and generator, and the attack's own options (steps, restarts, queries...).
+    There is no catch-all `**kwargs`: an option an attack does not take raises TypeError, so a misspelt
+    keyword is never silently ignored. Returns detached x_adv in the eps-ball and [0,1]."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float,
+        norm: Norm = "linf",
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> torch.Tensor: ...
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
@@ -146,18 +161,24 @@ def fgsm(
     y: torch.Tensor,
     *,
     eps: float,
-    step_size: float | None = None,
     norm: Norm = "linf",
-    random_start: bool = False,
     generator: torch.Generator | None = None,
-    **_: object,
+    step_size: float | None = None,
+    random_start: bool = False,
+    num_steps: int = 1,
+    num_restarts: int = 1,
 ) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015, arXiv:1412.6572): one step of size eps.
 
     With `random_start=True` and `step_size=1.25*eps` this is FGSM-RS of Wong, Rice & Kolter 2020
-    ("Fast is better than free", arXiv:2001.03994). Extra keyword arguments (num_steps, num_restarts)
-    are accepted so every attack shares one call signature.
+    ("Fast is better than free", arXiv:2001.03994). `num_steps` and `num_restarts` are taken so that a
+    training attack config calls fgsm and pgd alike; anything but 1 is refused, not ignored.
     """
+    if num_steps != 1 or num_restarts != 1:
+        raise ValueError(
+            f"fgsm is a single step with no restarts (got num_steps={num_steps}, num_restarts={num_restarts}): "
+            "set attack.num_steps = 1 and attack.num_restarts = 1, or use attack.name = 'pgd'"
+        )
     return pgd(
         model,
         x,

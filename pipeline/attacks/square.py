@@ -82,7 +82,6 @@ def square(
     num_queries: int = 5000,
     p_init: float = 0.8,
     generator: torch.Generator | None = None,
-    **_: object,
 ) -> torch.Tensor:
     """Untargeted Square attack; x (N,C,H,W) in [0,1]. Queries stop per example once it is fooled."""
     if x.shape[0] == 0 or eps == 0:

@@ -73,8 +73,9 @@ def test_no_parameter_gradients_and_mode_unchanged(mode, batch):
     x, y = batch
     pgd(model, x, y, eps=0.1, step_size=0.05, num_steps=3, num_restarts=2)
     fgsm(model, x, y, eps=0.1)
-    for name in ("apgd_ce", "apgd_t", "square"):
-        get_attack(name)(model, x, y, eps=0.1, num_steps=5, num_queries=20, num_target_classes=2)
+    get_attack("apgd_ce")(model, x, y, eps=0.1, num_steps=5)
+    get_attack("apgd_t")(model, x, y, eps=0.1, num_steps=5, num_target_classes=2)
+    get_attack("square")(model, x, y, eps=0.1, num_queries=20)
     assert all(p.grad is None for p in model.parameters())
     assert model.training == (mode == "train")
     assert all(m.training == (mode == "train") for m in model.modules())
@@ -137,8 +138,11 @@ def test_zero_eps_returns_input(batch, undefended):
 @pytest.mark.parametrize("name", ["apgd_ce", "apgd_t", "square"])
 def test_strong_attacks_break_undefended_model(name, digits_path, undefended):
     x, y = load_split(digits_path, "test", max_examples=200)
-    kwargs = {"eps": 0.2, "norm": "linf", "num_steps": 100, "num_queries": 2000, "num_target_classes": 9}
-    x_adv = get_attack(name)(undefended, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    options = {"apgd_ce": {"num_steps": 100}, "apgd_t": {"num_steps": 100, "num_target_classes": 9}}
+    options["square"] = {"num_queries": 2000}
+    x_adv = get_attack(name)(
+        undefended, x, y, eps=0.2, norm="linf", generator=torch.Generator().manual_seed(0), **options[name]
+    )
     with torch.no_grad():
         accuracy = (undefended(x_adv).argmax(1) == y).float().mean()
     assert accuracy < 0.05, f"{name} left {accuracy:.3f}"
@@ -171,3 +175,18 @@ def test_losses():
     target = torch.tensor([1, 1])
     expected = torch.tensor([-(3 - 1) / (3 - 0.5 * (0 - 1)), -(0 - 2) / (2 - 0.5 * (0 - 1))])
     assert torch.allclose(dlr_targeted(logits, y, target), expected)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_refuses_a_misspelt_option(name, batch):
+    """One shared signature and no catch-all **kwargs: an option an attack lacks raises, never ignored."""
+    model = _tiny_model()
+    x, y = batch
+    with pytest.raises(TypeError, match="num_stpes"):
+        get_attack(name)(model, x[:4], y[:4], eps=0.1, norm="linf", num_stpes=3)
+
+
+def test_fgsm_refuses_several_steps(batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"attack\.num_steps = 1"):
+        fgsm(_tiny_model(), x[:4], y[:4], eps=0.1, num_steps=3)

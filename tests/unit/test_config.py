@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, config_from_dict, flat_params, load_config, parse_override, to_toml
+from pipeline.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFIGS = "jobs/configs"
@@ -37,7 +38,11 @@ def test_toml_round_trip(tmp_path):
         ({"attack": {"eps": -0.1}}, "attack.eps: Input should be greater than or equal to 0"),
         ({"attack": {"num_steps": 0}}, "attack.num_steps"),
         ({"scaling": {"num_workers": 0}}, "scaling.num_workers"),
-        ({"attack": {"name": "cw"}}, "attack.name: Input should be 'fgsm' or 'pgd'"),
+        ({"attack": {"name": "cw"}}, "attack.name: Value error, 'cw' is not a registered training attack"),
+        ({"attack": {"name": "apgd_ce"}}, "Allowed: fgsm, pgd"),
+        ({"attack": {"name": "fgsm", "num_steps": 3}}, "set attack.num_steps = 1"),
+        ({"method": {"name": "tradse"}}, "Did you mean 'trades'?"),
+        ({"method": {"name": "free_at", "awp_gamma": 0.01}, "attack": {"name": "fgsm", "num_steps": 1}}, "not free_at"),
         ({"model": {"name": "resnet50"}}, "model.name"),
         ({"run": {"epochs": "ten"}}, "run.epochs"),
         ({"run": {"epochs": 2.5}}, "run.epochs"),
@@ -54,9 +59,31 @@ def test_bad_values_are_refused_naming_the_key(raw, expected):
     assert expected in str(err.value)
 
 
-def test_unknown_literal_lists_allowed_values():
-    with pytest.raises(ConfigError, match="allowed: 'small_cnn', 'preact_resnet18' or 'wide_resnet'"):
+def test_unknown_plugin_name_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match="Allowed: small_cnn, preact_resnet18, wide_resnet"):
         config_from_dict({"model": {"name": "vgg"}})
+
+
+def test_config_accepts_exactly_the_registered_plugin_names():
+    """The config's allowed names are the registries' (one list per plug point, nothing to keep in step)."""
+    from pipeline.attacks import ATTACKS, TRAINING_ATTACKS
+    from pipeline.methods import METHODS
+    from pipeline.models import MODELS
+
+    for name in MODELS:
+        assert config_from_dict({"model": {"name": name}}).model.name == name
+    for name, spec in METHODS.items():
+        attack = {"name": spec.attack or "pgd", "num_steps": 1 if spec.attack == "fgsm" else 3}
+        eps = 0.1 if spec.adversarial else 0.0
+        config = config_from_dict({"method": {"name": name}, "attack": {**attack, "eps": eps}})
+        assert config.method.name == name
+    assert TRAINING_ATTACKS == ("fgsm", "pgd")
+    for name in ATTACKS:
+        if name in TRAINING_ATTACKS:
+            assert config_from_dict({"attack": {"name": name, "num_steps": 1}}).attack.name == name
+        else:
+            with pytest.raises(ConfigError, match="not a registered training attack"):
+                config_from_dict({"attack": {"name": name}})
 
 
 def test_overrides_parse_toml_literals():
@@ -101,5 +128,5 @@ def test_every_recipe_loads_and_its_model_builds(recipe):
         architecture(config.model, shape=shape, num_classes=10, mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
     )
     assert model(torch.rand(2, *shape)).shape == (2, 10)
-    if config.method.name in ("fgsm_rs", "free_at"):
+    if METHODS[config.method.name].single_step:
         assert config.method.co_guard, f"{recipe.name}: single-step recipes keep the catastrophic-overfitting guard on"

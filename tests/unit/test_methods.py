@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import AttackConfig, ModelConfig
+from pipeline.config import AttackConfig, MethodConfig, ModelConfig
 from pipeline.methods import METHODS, get_method
 from pipeline.models import architecture, build_model
 
@@ -27,7 +27,9 @@ def test_trades_with_beta_zero_is_standard_training(batch):
     model = _model()
     attack = AttackConfig(eps=0.2, num_steps=3)
     standard_loss, _ = get_method("standard")(model, model, x, y, attack=attack, eps=0.2, attack_mode="eval")
-    trades_loss, _ = get_method("trades", beta=0.0)(model, model, x, y, attack=attack, eps=0.2, attack_mode="eval")
+    trades_loss, _ = get_method("trades", MethodConfig(beta=0.0))(
+        model, model, x, y, attack=attack, eps=0.2, attack_mode="eval"
+    )
     assert torch.equal(standard_loss, trades_loss)
 
 
@@ -35,7 +37,7 @@ def test_trades_adds_a_positive_kl_term(batch):
     x, y = batch
     model = _model()
     attack = AttackConfig(eps=0.2, num_steps=3)
-    loss, logits_adv = get_method("trades", beta=6.0)(
+    loss, logits_adv = get_method("trades", MethodConfig(beta=6.0))(
         model, model, x, y, attack=attack, eps=0.2, attack_mode="eval", generator=torch.Generator().manual_seed(1)
     )
     clean = F.cross_entropy(model(x), y)
