@@ -10,7 +10,6 @@ committed checkpoint, and MLflow keeps exactly one value per epoch.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -26,23 +25,20 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import data as data_lib
-from pipeline import loop, tracking
+from pipeline import tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
-from pipeline.methods import get_method, method_spec
-from pipeline.methods import replays as method_replays
-from pipeline.models import architecture, build_model
+from pipeline.models import architecture
+from pipeline.training import LocalWorld, Trainer
+from pipeline.training.world import STATE_FILE
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 FINISHED_MARKER = "advtrain_finished.json"
 SENTINEL_METRIC = "train/loss"
-PROBE_EXAMPLES = 128
 TRIAL_DRIVER_RESOURCE = "trial_driver"
 RESTARTS_TAG = "advtrain.restarts"
 
@@ -261,61 +257,111 @@ def _check_ray_data_cpus(config: Config) -> None:
 # --------------------------------------------------------------------------- workers
 
 
-def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+class RayWorld:
+    """A Ray Train worker as the Trainer's world: rank and device from Ray, DDP by prepare_model, gloo/nccl
+    collectives, checkpoints through ray.train.report."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.shape, self.num_classes = tuple(arch["shape"]), arch["num_classes"]
+        self.local = LocalWorld(self.device)  # the collectives of the process group Ray Train set up
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return self.local.all_reduce_sum(values)
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return self.local.all_gather_object(value)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            # weights_only=True: a checkpoint is data, never code.
+            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def commit(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics)  # every rank reports equally often, or training hangs
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    def streamed_batches(self, batch_size: int):
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size
+        ):
+            yield data_lib.decode_batch(batch["image"], batch["label"], self.shape, self.num_classes)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
-def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
-    torch.save(state, folder / STATE_FILE)
+class MLflowReporter:
+    """Rank 0's records on the run's MLflow run (explicit run id): epochs, events, tags, the model."""
 
+    def __init__(self, config: Config, ctx: dict[str, Any]) -> None:
+        self.config, self.uri, self.run_id = config, ctx["tracking_uri"], ctx["run_id"]
+        self.arch, self.dataset_source = ctx["architecture"], ctx["dataset_source"]
 
-def _cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    def logged_epochs(self) -> set[int]:
+        return tracking.logged_epochs(self.uri, self.run_id, SENTINEL_METRIC)
 
+    def start(self, *, node_ids: list[str], precisions: list[str], resumed_from: int | None) -> None:
+        # Where the ranks run (node ids, one per rank): multi-node placement is visible in MLflow, and
+        # changes after a node loss show in the tag of the latest worker group.
+        tags = {"advtrain.worker_nodes": json.dumps(node_ids), "advtrain.mixed_precision": ",".join(precisions)}
+        tracking.set_tags(self.uri, self.run_id, tags)
+        if resumed_from is not None:
+            # Every restart (a replaced worker group or a resubmission) is on the run: when, from which
+            # epoch, on which nodes. Operators read recovery times from it; tests assert the epoch.
+            restarts = json.loads(tracking.run_tags(self.uri, self.run_id).get(RESTARTS_TAG, "[]"))
+            restarts.append({"from_epoch": resumed_from, "unix_time": time.time(), "worker_nodes": node_ids})
+            tracking.record_event(self.uri, self.run_id, RESTARTS_TAG, restarts, epoch=resumed_from, metrics={})
 
-def _snapshot(
-    model: torch.nn.Module, optimizer, scheduler, *, full: bool, averaging: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """An in-memory copy of the weights and of their average, if any (CPU tensors; the best epoch's
-    candidate) and, when `full` (the catastrophic-overfitting guard may go back to it), of the
-    optimizer and LR-schedule state."""
-    snapshot: dict[str, Any] = {"model": _cpu_weights(model)}
-    if averaging:
-        snapshot["average"] = _cpu_weights(averaging["model"])
-        snapshot["average_updates"] = averaging["updates"]
-    if full:
-        snapshot["optimizer"] = copy.deepcopy(optimizer.state_dict())
-        snapshot["scheduler"] = copy.deepcopy(scheduler.state_dict())
-    return snapshot
+    def log_epoch(self, metrics: dict[str, float], *, epoch: int) -> None:
+        tracking.log_epoch(self.uri, self.run_id, metrics, epoch=epoch)
 
+    def event(self, name: str, events: list[dict[str, Any]], *, epoch: int, metrics: dict[str, float]) -> None:
+        tracking.record_event(self.uri, self.run_id, name, events, epoch=epoch, metrics=metrics)
 
-def _restore(
-    snapshot: dict[str, Any], model: torch.nn.Module, optimizer, scheduler, *, averaging: dict[str, Any] | None = None
-) -> None:
-    model.load_state_dict(snapshot["model"])
-    if averaging:
-        averaging["model"].load_state_dict(snapshot["average"])
-        averaging["updates"] = snapshot["average_updates"]
-    optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
-    scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
-
-
-def _load_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as folder:
-        # weights_only=True: a checkpoint is data, never code.
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def _ray_data_batches(batch_size: int, shape, num_classes: int):
-    shard = ray.train.get_dataset_shard("train")
-    for batch in shard.iter_batches(
-        batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size
-    ):
-        yield data_lib.decode_batch(batch["image"], batch["label"], shape, num_classes)
+    def finish(
+        self, model: torch.nn.Module, *, registered_epoch: int, chosen: dict[str, float], test: dict[str, float]
+    ) -> dict[str, Any]:
+        """Log the test metrics, then register the model (safetensors + architecture, no pickle)."""
+        config = self.config
+        registered_metrics = {"registered/epoch": float(registered_epoch)}
+        registered_metrics["registered/val_robust_acc"] = chosen["val/robust_acc"]
+        self.log_epoch({**test, **registered_metrics}, epoch=config.run.epochs)
+        registered = tracking.log_and_register_model(
+            self.uri,
+            self.run_id,
+            model=model,
+            arch=self.arch,
+            registered_model=config.tracking.registered_model,
+            alias=config.tracking.alias,
+            version_tags={
+                "dataset": self.dataset_source,
+                "threat_model.norm": config.attack.norm,
+                "threat_model.eps": config.attack.eps,
+                "method": config.method.name,
+                "test_clean_acc": test["test/clean_acc"],
+                "epoch": registered_epoch,
+                "val_robust_acc": chosen["val/robust_acc"],
+                "val_robust_protocol": f"pgd-{config.validation.num_steps} x{config.validation.num_restarts} restarts",
+            },
+        )
+        tags = {"advtrain.weights_sha256": registered["weights_sha256"]}
+        tags["advtrain.registered_epoch"] = str(registered_epoch)
+        tracking.set_tags(self.uri, self.run_id, tags)
+        return {"model_version": registered["version"], "weights_sha256": registered["weights_sha256"]}
 
 
 def _quiet_report_logging() -> None:
@@ -329,397 +375,27 @@ def _quiet_report_logging() -> None:
 
 
 def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
-    """Runs on every Ray Train worker. Returns rank 0's summary (the driver reads result.return_value)."""
+    """Runs on every Ray Train worker: the one Trainer in a Ray world with an MLflow reporter. Returns
+    rank 0's summary (the driver reads result.return_value)."""
     entered = time.time()
     config = Config.model_validate(ctx["config"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    if rank == 0:
+    world = RayWorld(ctx["architecture"])
+    if world.rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     _quiet_report_logging()
     # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match explicitly.
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    arch = ctx["architecture"]
-    shape, num_classes = tuple(arch["shape"]), arch["num_classes"]
-    data_path = config.data.path
-
-    if ctx["loader"] == "memory":
-        x_train, y_train = data_lib.load_split(data_path, "train")
-        num_train = len(y_train)
-    else:
-        num_train = data_lib.read_metadata(data_path).num_rows("train")
-    x_val, y_val = data_lib.load_split(data_path, "val", max_examples=config.validation.num_examples)
-    x_probe, y_probe = x_val[:PROBE_EXAMPLES], y_val[:PROBE_EXAMPLES]
-    x_val, y_val = x_val[rank::world_size], y_val[rank::world_size]
-
-    torch.manual_seed(config.run.seed)  # same initial weights on every rank (DDP also broadcasts)
-    model = ray.train.torch.prepare_model(build_model(arch))
-    attack_model = model.module if hasattr(model, "module") else model  # unwrapped: no DDP hooks
-    # The weight average (run.weight_average_decay): a copy on every rank, identical across ranks because
-    # DDP keeps the trained weights identical, so the sharded validation needs no broadcast. Validation,
-    # keep_best and registration see it; the collapse probe watches the trained weights (the average
-    # would hide a collapse for a while, and the restore is of the trained weights).
-    averaging = loop.new_weight_average(attack_model, decay=config.run.weight_average_decay)
-    shipped_model = averaging["model"] if averaging else attack_model
-    update_average = loop.weight_average_hook(averaging, attack_model)
-
-    optimizer = loop.make_optimizer(model, config.optim)
-    steps_per_epoch = -(-(num_train // world_size) // config.data.batch_size)
-    replays = method_replays(config.method.name, config.method.replays)
-    scheduler = loop.make_scheduler(
-        optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=steps_per_epoch * replays
+    trainer = Trainer(
+        config,
+        world,
+        MLflowReporter(config, ctx),
+        architecture=ctx["architecture"],
+        loader=ctx["loader"],
+        objective_clean_weight=ctx.get("objective_clean_weight", 0.0),
+        to_worker_s=entered - ctx["driver_started_unix"],
     )
-
-    uri, run_id = ctx["tracking_uri"], ctx["run_id"]
-    start_epoch, history = 1, []
-    # Catastrophic-overfitting state: once it fired, training goes on with the fallback attack.
-    guard: dict[str, Any] = {"fallback": False, "events": []}
-    best: dict[str, Any] = {"epoch": 0, "val_robust": -1.0, "model": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = _load_checkpoint(checkpoint)
-        attack_model.load_state_dict(state["model"])
-        if averaging:
-            saved_average = state.get("average_model")
-            averaging["model"].load_state_dict(saved_average if saved_average is not None else state["model"])
-            averaging["updates"] = int(state.get("average_updates", 0))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-        guard = {"fallback": bool(state.get("co_fallback", False)), "events": list(state.get("co_events", []))}
-        if state.get("best_model") is not None:
-            best = {"epoch": state["best_epoch"], "val_robust": state["best_val_robust"], "model": state["best_model"]}
-        if rank == 0:
-            log.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
-    # Where the ranks run (node ids, one per rank), recorded on the run: multi-node placement is visible
-    # in MLflow, and changes after a node loss show in the tag of the latest worker group.
-    # run.mixed_precision as this rank runs it: "auto" depends on this worker's device, which need not be
-    # the driver's (a CPU head node, GPU workers). The tag records every rank's, once per worker group.
-    bf16_native = loop.bf16_is_native(device)
-    precision = loop.training_precision(config.run.mixed_precision, bf16_native=bf16_native)
-    placement = [(ray.get_runtime_context().get_node_id(), precision)]
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, placement[0])
-        placement = gathered
-    node_ids = [node for node, _ in placement]
-    precisions = sorted({p for _, p in placement})
-    already_logged = tracking.logged_epochs(uri, run_id, SENTINEL_METRIC) if rank == 0 else set()
-    if rank == 0:
-        tracking.set_tags(
-            uri,
-            run_id,
-            {"advtrain.worker_nodes": json.dumps(node_ids), "advtrain.mixed_precision": ",".join(precisions)},
-        )
-        log.info("training precision: %s (run.mixed_precision = %s)", ",".join(precisions), config.run.mixed_precision)
-        if config.run.mixed_precision == "bf16" and not bf16_native:
-            log.warning(
-                "run.mixed_precision = 'bf16' on %s, which has no bf16 hardware: emulated bf16 trained ~15x "
-                "slower than fp32 on an AVX2-only CPU (benchmarks/mixed_precision.py); set run.mixed_precision = "
-                "'auto' or 'none'",
-                device,
-            )
-        if checkpoint is not None:
-            # Every restart (a replaced worker group or a resubmission) is on the run: when, from which
-            # epoch, on which nodes. Operators read recovery times from it; tests assert the epoch.
-            restarts = json.loads(tracking.run_tags(uri, run_id).get(RESTARTS_TAG, "[]"))
-            restarts.append({"from_epoch": start_epoch - 1, "unix_time": time.time(), "worker_nodes": node_ids})
-            tracking.record_event(uri, run_id, RESTARTS_TAG, restarts, epoch=start_epoch - 1, metrics={})
-        # Epochs whose checkpoint committed but whose metrics never reached MLflow (killed in between).
-        for row in history:
-            if row["epoch"] not in already_logged:
-                tracking.log_epoch(uri, run_id, row["metrics"], epoch=row["epoch"])
-                already_logged.add(row["epoch"])
-    guarded = config.method.co_guard and method_spec(config.method.name).adversarial
-    last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded, averaging=averaging)
-    # What the run trains with once a collapse is caught (named in the event, used every later epoch).
-    fallback_method, fallback_attack = loop.fallback_training(
-        config.method.name, config.attack, min_steps=config.method.co_fallback_steps
-    )
-
-    attack = config.attack
-    epoch = start_epoch
-    # Start-up cost, logged with the first epoch of a fresh run: driver start -> this function (MLflow
-    # run, Train controller, placement group, worker processes, imports, process group), then this
-    # function -> the first step (data, model, DDP wrapping, MLflow tags).
-    startup = (
-        {"time/to_worker_s": entered - ctx["driver_started_unix"], "time/worker_setup_s": time.time() - entered}
-        if checkpoint is None
-        else {}
-    )
-    while epoch <= config.run.epochs:
-        # Per-epoch, per-rank seeds: a resumed epoch sees the same data order and random starts.
-        generator = torch.Generator(device=device).manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
-        torch.manual_seed(config.run.seed * 1_000_003 + epoch * 1009 + rank)
-        if ctx["loader"] == "memory":
-            indices = data_lib.shard_indices(
-                num_train, rank=rank, world_size=world_size, epoch=epoch, seed=config.run.seed
-            )
-            batches = loop.tensor_batches(x_train, y_train, indices, config.data.batch_size)
-        else:
-            batches = _ray_data_batches(config.data.batch_size, shape, num_classes)
-
-        eps_for_step, epoch_attack = loop.epoch_schedule(config, epoch, steps_per_epoch=steps_per_epoch)
-        method_name = config.method.name
-        if guard["fallback"]:
-            method_name, epoch_attack = fallback_method, fallback_attack
-        # A fresh method per epoch: free_at's persistent perturbation restarts at zero each epoch, so a
-        # resumed or restored epoch trains exactly as it first did.
-        method = get_method(method_name, config.method)
-
-        train = loop.train_epoch(
-            model,
-            attack_model,
-            batches,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            method=method,
-            attack=epoch_attack,
-            eps_for_step=eps_for_step,
-            attack_mode=config.method.attack_mode,
-            device=device,
-            generator=generator,
-            replays=replays,
-            mixed_precision=precision,
-            augment=config.data.augment,
-            awp_gamma=loop.weight_perturbation_gamma(config.method, epoch),
-            after_optimizer_step=update_average,
-        )
-        val_started = time.perf_counter()
-        val = loop.clean_and_robust_correct(
-            shipped_model,
-            x_val,
-            y_val,
-            eps=attack.eps,
-            norm=attack.norm,
-            num_steps=config.validation.num_steps,
-            step_size_factor=config.validation.step_size_factor,
-            num_restarts=config.validation.num_restarts,
-            batch_size=config.validation.batch_size,
-            device=device,
-            generator=generator,
-        )
-        probe = {"robust_correct": 0.0, "count": 0.0}
-        if rank == 0:
-            # Catastrophic-overfitting probe (Wong et al. 2020): PGD-10 accuracy on a fixed validation
-            # batch with a fixed seed; a sudden collapse here while train accuracy climbs is the sign.
-            probe = loop.clean_and_robust_correct(
-                attack_model,
-                x_probe,
-                y_probe,
-                eps=attack.eps,
-                norm=attack.norm,
-                num_steps=10,
-                step_size_factor=2.5,
-                num_restarts=1,
-                batch_size=config.validation.batch_size,
-                device=device,
-                generator=torch.Generator(device=device).manual_seed(config.run.seed),
-            )
-        val_seconds = time.perf_counter() - val_started
-        # The probe is rank 0's alone; summing it in hands every rank the same value, so all ranks take
-        # the same catastrophic-overfitting decision.
-        loss_sum, correct, count, val_clean, val_robust, val_count, probe_robust, probe_count = _all_reduce_sums(
-            [
-                train["loss_sum"],
-                train["correct"],
-                train["count"],
-                val["clean_correct"],
-                val["robust_correct"],
-                val["count"],
-                probe["robust_correct"],
-                probe["count"],
-            ],
-            device,
-        )
-        probe_acc = probe_robust / max(probe_count, 1)
-        best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in history), default=0.0)
-        if guarded and not guard["fallback"] and loop.collapsed(probe_acc, best_probe, drop=config.method.co_drop):
-            event = {
-                "epoch": epoch,
-                "probe_pgd_acc": probe_acc,
-                "best_probe_pgd_acc": best_probe,
-                "restored_epoch": epoch - 1,
-                "fallback": f"{fallback_method} with PGD-{fallback_attack.num_steps}",
-            }
-            guard = {"fallback": True, "events": [*guard["events"], event]}
-            _restore(last_good, attack_model, optimizer, scheduler, averaging=averaging)
-            if rank == 0:
-                log.warning(
-                    "epoch %d: catastrophic overfitting (probe PGD accuracy %.3f, best %.3f); restored epoch %d "
-                    "and continuing with %s",
-                    epoch,
-                    probe_acc,
-                    best_probe,
-                    epoch - 1,
-                    event["fallback"],
-                )
-                tracking.record_event(
-                    uri,
-                    run_id,
-                    "advtrain.catastrophic_overfitting",
-                    guard["events"],
-                    epoch=epoch,
-                    metrics={"co/collapsed_probe_pgd_acc": probe_acc},
-                )
-            continue  # the collapsed epoch is redone, never checkpointed, logged as an epoch or shipped
-
-        metrics = {
-            "train/loss": loss_sum / max(count, 1),
-            "train/acc": correct / max(count, 1),
-            "train/eps": train["eps"],
-            "train/lr": train["lr"],
-            "train/images_per_s": count / max(train["seconds"], 1e-9),
-            "train/fallback": float(guard["fallback"]),
-            "val/clean_acc": val_clean / max(val_count, 1),
-            "val/robust_acc": val_robust / max(val_count, 1),
-            "val/probe_pgd_acc": probe_acc,
-            "objective": val_robust / max(val_count, 1)
-            + ctx.get("objective_clean_weight", 0.0) * val_clean / max(val_count, 1),
-            "time/train_s": train["seconds"],
-            "time/val_s": val_seconds,
-            "time/epoch_s": train["seconds"] + val_seconds,
-            **(startup if epoch == 1 else {}),
-        }
-        history.append({"epoch": epoch, "metrics": metrics})
-        last_good = _snapshot(attack_model, optimizer, scheduler, full=guarded, averaging=averaging)
-        if metrics["val/robust_acc"] > best["val_robust"]:
-            shipped_weights = last_good["average"] if averaging else last_good["model"]
-            best = {"epoch": epoch, "val_robust": metrics["val/robust_acc"], "model": shipped_weights}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(
-                    Path(tmp),
-                    {
-                        "model": attack_model.state_dict(),
-                        "average_model": averaging["model"].state_dict() if averaging else None,
-                        "average_updates": averaging["updates"] if averaging else 0,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "co_fallback": guard["fallback"],
-                        "co_events": guard["events"],
-                        "best_epoch": best["epoch"],
-                        "best_val_robust": best["val_robust"],
-                        "best_model": best["model"],
-                        "rng_state": torch.get_rng_state(),
-                        "architecture_json": json.dumps(arch),
-                        "config_toml": to_toml(config),
-                        "mlflow_run_id": run_id,
-                    },
-                )
-                ray.train.report({**metrics, "epoch": epoch}, checkpoint=Checkpoint.from_directory(tmp))
-            # After the checkpoint commits, so a logged epoch always has a checkpoint behind it;
-            # skipping logged epochs keeps exactly one value per epoch across resumes.
-            if epoch not in already_logged:
-                tracking.log_epoch(uri, run_id, metrics, epoch=epoch)
-                already_logged.add(epoch)
-            log.info(
-                "epoch %3d/%d  loss %.4f  train_acc %.3f  eps %.3f  val_clean %.3f  val_robust %.3f  probe %.3f  "
-                "%.0f img/s  %.1fs",
-                epoch,
-                config.run.epochs,
-                metrics["train/loss"],
-                metrics["train/acc"],
-                metrics["train/eps"],
-                metrics["val/clean_acc"],
-                metrics["val/robust_acc"],
-                metrics["val/probe_pgd_acc"],
-                metrics["train/images_per_s"],
-                metrics["time/epoch_s"],
-            )
-        else:
-            ray.train.report({**metrics, "epoch": epoch})  # every rank reports equally often, or training hangs
-        epoch += 1
-
-    if config.run.keep_best and best["model"] is not None:
-        attack_model.load_state_dict(best["model"])
-    elif averaging:
-        attack_model.load_state_dict(averaging["model"].state_dict())
-    if rank != 0:
-        return None
-    registered_epoch = best["epoch"] if config.run.keep_best and best["model"] is not None else history[-1]["epoch"]
-    return _finish(config, ctx, attack_model, history, device, registered_epoch=registered_epoch)
-
-
-def _finish(
-    config: Config,
-    ctx: dict[str, Any],
-    model: torch.nn.Module,
-    history: list[dict],
-    device: torch.device,
-    *,
-    registered_epoch: int,
-) -> dict[str, Any]:
-    """Rank 0: test-set numbers of the chosen epoch's weights, then log and register them (no pickle)."""
-    uri, run_id, arch = ctx["tracking_uri"], ctx["run_id"], ctx["architecture"]
-    chosen = next(row["metrics"] for row in history if row["epoch"] == registered_epoch)
-    x_test, y_test = data_lib.load_split(config.data.path, "test")
-    generator = torch.Generator(device=device).manual_seed(config.run.seed)
-    n_robust = config.validation.num_examples or len(y_test)
-    test = loop.clean_and_robust_correct(
-        model,
-        x_test[:n_robust],
-        y_test[:n_robust],
-        eps=config.attack.eps,
-        norm=config.attack.norm,
-        num_steps=config.validation.num_steps,
-        step_size_factor=config.validation.step_size_factor,
-        num_restarts=config.validation.num_restarts,
-        batch_size=config.validation.batch_size,
-        device=device,
-        generator=generator,
-    )
-    model.eval()
-    # Clean accuracy on the whole test split with the same function a loaded model is checked with.
-    predictions = loop.predict(model, x_test, batch_size=config.validation.batch_size, device=device)
-    test_clean = float((predictions == y_test).float().mean())
-    test_metrics = {"test/clean_acc": test_clean, "test/robust_acc": test["robust_correct"] / max(test["count"], 1)}
-    tracking.log_epoch(
-        uri,
-        run_id,
-        {
-            **test_metrics,
-            "registered/epoch": float(registered_epoch),
-            "registered/val_robust_acc": chosen["val/robust_acc"],
-        },
-        epoch=config.run.epochs,
-    )
-    cpu_model = build_model(arch)
-    cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    registered = tracking.log_and_register_model(
-        uri,
-        run_id,
-        model=cpu_model,
-        arch=arch,
-        registered_model=config.tracking.registered_model,
-        alias=config.tracking.alias,
-        version_tags={
-            "dataset": ctx["dataset_source"],
-            "threat_model.norm": config.attack.norm,
-            "threat_model.eps": config.attack.eps,
-            "method": config.method.name,
-            "test_clean_acc": test_clean,
-            "epoch": registered_epoch,
-            "val_robust_acc": chosen["val/robust_acc"],
-            "val_robust_protocol": f"pgd-{config.validation.num_steps} x{config.validation.num_restarts} restarts",
-        },
-    )
-    tracking.set_tags(
-        uri,
-        run_id,
-        {"advtrain.weights_sha256": registered["weights_sha256"], "advtrain.registered_epoch": str(registered_epoch)},
-    )
-    return {
-        "registered_epoch": registered_epoch,
-        "val/clean_acc": chosen["val/clean_acc"],
-        "val/robust_acc": chosen["val/robust_acc"],
-        **test_metrics,
-        "model_version": registered["version"],
-        "weights_sha256": registered["weights_sha256"],
-    }
+    trainer.entered = entered
+    return trainer.run()
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
