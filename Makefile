@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test test-unit lint format install clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+
+# The inner loop: in-process tests only (no Ray, no MLflow server).
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 format: $(STAMP)
 	$(BIN)/ruff format .

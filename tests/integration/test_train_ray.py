@@ -202,9 +202,9 @@ def test_weight_average_is_what_validation_sees_and_what_is_registered(
     # One update per optimizer step: 3 epochs of each worker's share of the train split.
     num_train = data_lib.read_metadata(config.data.path).num_rows("train")
     steps_per_epoch = -(-(num_train // 2) // config.data.batch_size)
-    assert state["average_updates"] == 3 * steps_per_epoch
+    assert state["average"]["updates"] == 3 * steps_per_epoch
     registered = load_model(f"models:/digits-it/{summary.model_version}", tracking_uri=mlflow_server).state_dict()
-    assert all(torch.equal(registered[k], state["average_model"][k]) for k in registered)
+    assert all(torch.equal(registered[k], state["average"]["model"][k]) for k in registered)
     assert not all(torch.equal(registered[k], state["model"][k]) for k in registered)
     # The last epoch's val robust accuracy is the averaged model's, and is what the summary reports.
     assert summary.val_robust_acc == latest["metrics"]["val/robust_acc"]
