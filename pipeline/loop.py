@@ -6,11 +6,9 @@ divide once.
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -68,39 +66,6 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, *, padd
     out = padded[batch, channels, rows, cols]
     flip = torch.rand(n, generator=generator, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def update_weight_average(average: nn.Module, model: nn.Module, *, decay: float, num_updates: int) -> None:
-    """average <- d * average + (1 - d) * model, parameter by parameter; buffers (BatchNorm statistics)
-    are copied. d = min(decay, (1 + n) / (10 + n)) for the n-th update (counting from 0): the usual
-    warm-up, so the average forgets the random initial weights within tens of steps, not thousands."""
-    d = min(decay, (1 + num_updates) / (10 + num_updates))
-    with torch.no_grad():
-        for averaged, current in zip(average.parameters(), model.parameters(), strict=True):
-            averaged.lerp_(current.detach(), 1.0 - d)
-        for averaged, current in zip(average.buffers(), model.buffers(), strict=True):
-            averaged.copy_(current)
-
-
-def new_weight_average(model: nn.Module, *, decay: float) -> dict[str, Any] | None:
-    """The state of a weight average of `model` (`{"model": frozen copy, "decay": decay, "updates": 0}`), or
-    None when `decay` is 0 (off). Kept as a dict so that checkpoints and restores can save and set the
-    model and the update count (the decay comes from the config)."""
-    if decay <= 0:
-        return None
-    return {"model": copy.deepcopy(model).requires_grad_(False), "decay": decay, "updates": 0}
-
-
-def step_weight_average(averaging: dict[str, Any], model: nn.Module) -> None:
-    """One update of `averaging` (from new_weight_average) towards `model`; run after each optimizer step."""
-    update_weight_average(averaging["model"], model, decay=averaging["decay"], num_updates=averaging["updates"])
-    averaging["updates"] += 1
-
-
-def weight_average_hook(averaging: dict[str, Any] | None, model: nn.Module) -> Callable[[], None] | None:
-    """train_epoch's `after_optimizer_step`: step_weight_average bound to `averaging` and `model`, or None
-    when averaging is off (`averaging` is None)."""
-    return None if averaging is None else functools.partial(step_weight_average, averaging, model)
 
 
 def bf16_is_native(device: torch.device) -> bool:
@@ -376,7 +341,10 @@ def fit_plain(
     method = get_method(config.method.name, config.method)
     stats = []
     stopped = False
-    averaging = new_weight_average(model, decay=config.run.weight_average_decay)
+    from pipeline.training.state import WeightAverage
+
+    decay = config.run.weight_average_decay
+    averaging = WeightAverage(model, decay=decay) if decay > 0 else None
     precision = training_precision(config.run.mixed_precision, bf16_native=bf16_is_native(device))
 
     def step_hook(epoch: int, step: int, seconds: float) -> bool:
@@ -408,13 +376,13 @@ def fit_plain(
                 augment=config.data.augment,
                 awp_gamma=weight_perturbation_gamma(config.method, epoch),
                 on_step=None if on_step is None else functools.partial(step_hook, epoch),
-                after_optimizer_step=weight_average_hook(averaging, model),
+                after_optimizer_step=None if averaging is None else functools.partial(averaging.update, model),
             )
         )
         if stopped:
             break
     if averaging is not None:
-        model.load_state_dict(averaging["model"].state_dict())
+        model.load_state_dict(averaging.model.state_dict())
     return stats
 
 

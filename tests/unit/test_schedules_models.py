@@ -225,26 +225,30 @@ def test_crop_flip_shifts_and_flips_within_the_padding():
 
 
 def test_weight_average_warms_up_then_follows_its_decay():
-    from pipeline.loop import update_weight_average
+    from pipeline.training import WeightAverage
 
-    model, average = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
-    for module, value in ((model, 1.0), (average, 0.0)):
+    model, start = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    for module, value in ((model, 1.0), (start, 0.0)):
         torch.nn.init.constant_(module.weight, value)
         torch.nn.init.constant_(module.bias, value)
+    average = WeightAverage(start, decay=0.99)
     # Update 0 uses min(0.99, 1/10) = 0.1: the average is mostly the current weights already.
-    update_weight_average(average, model, decay=0.99, num_updates=0)
-    assert torch.allclose(average.weight, torch.tensor([[0.9]]))
+    average.update(model)
+    assert torch.allclose(average.model.weight, torch.tensor([[0.9]]))
     # Far into training the decay itself applies: 0.99 * 0.9 + 0.01 * 2.0 = 0.911.
     torch.nn.init.constant_(model.weight, 2.0)
-    update_weight_average(average, model, decay=0.99, num_updates=10_000)
-    assert torch.allclose(average.weight, torch.tensor([[0.911]]))
+    average.updates = 10_000
+    average.update(model)
+    assert torch.allclose(average.model.weight, torch.tensor([[0.911]]))
+    assert average.updates == 10_001
 
 
 def test_weight_average_copies_batchnorm_statistics():
-    from pipeline.loop import update_weight_average
+    from pipeline.training import WeightAverage
 
-    model, average = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    model = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(torch.nn.BatchNorm1d(2), decay=0.999)
     model.train()(torch.randn(8, 2) * 3 + 5)
-    update_weight_average(average, model, decay=0.999, num_updates=10_000)
-    assert torch.equal(average.running_mean, model.running_mean)
-    assert torch.equal(average.running_var, model.running_var)
+    average.update(model)
+    assert torch.equal(average.model.running_mean, model.running_mean)
+    assert torch.equal(average.model.running_var, model.running_var)
