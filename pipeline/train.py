@@ -393,8 +393,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
         loader=ctx["loader"],
         objective_clean_weight=ctx.get("objective_clean_weight", 0.0),
         to_worker_s=entered - ctx["driver_started_unix"],
+        entered_unix=entered,
     )
-    trainer.entered = entered
     return trainer.run()
 
 

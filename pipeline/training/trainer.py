@@ -58,8 +58,9 @@ class Trainer:
         loader: str = "memory",
         objective_clean_weight: float = 0.0,
         to_worker_s: float | None = None,
+        entered_unix: float | None = None,
     ) -> None:
-        self.entered = time.time()
+        self.entered = entered_unix or time.time()  # when this rank started: the base of time/worker_setup_s
         self.config, self.world, self.reporter, self.arch = config, world, reporter, architecture
         self.loader, self.objective_clean_weight, self.to_worker_s = loader, objective_clean_weight, to_worker_s
         self.guarded = config.method.co_guard and method_spec(config.method.name).adversarial
@@ -261,10 +262,10 @@ class Trainer:
     def _collapsed(self, state: TrainState, epoch: int, metrics: dict[str, float], last_good: dict) -> bool:
         """The collapse guard: on a collapse, go back to the last good epoch and switch to the fallback
         for the rest of the run (every rank decides alike: the probe value is all-reduced)."""
-        probe_acc = metrics["val/probe_pgd_acc"]
-        best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in state.history), default=0.0)
         if not self.guarded or state.guard.fallback:
             return False
+        probe_acc = metrics["val/probe_pgd_acc"]
+        best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in state.history), default=0.0)
         if not loop.collapsed(probe_acc, best_probe, drop=self.config.method.co_drop):
             return False
         event = {
