@@ -39,7 +39,7 @@ def main() -> None:
     from pipeline.evaluate import evaluate_examples
     from pipeline.loop import fit_plain
     from pipeline.models import architecture, build_model
-    from pipeline.tracking import load_model
+    from pipeline.tracking.runs import load_model
 
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "digits"
     if not (data / "metadata.json").exists():

@@ -83,11 +83,11 @@ def main() -> None:
 
     # Start-up pieces a user pays before any Ray work: the interpreter with our imports.
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.train"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.orchestrate.train"], check=True, cwd=ROOT)
     import_s = time.perf_counter() - started
 
-    from pipeline.tracking import metric_history
-    from pipeline.train import init_ray, run_training
+    from pipeline.orchestrate.train import init_ray, run_training
+    from pipeline.tracking.runs import metric_history
 
     started = time.perf_counter()
     init_ray(num_cpus=args.cpus)

@@ -19,8 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.tune import plot_clean_vs_robust
+from pipeline.orchestrate.tune import plot_clean_vs_robust
+from pipeline.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

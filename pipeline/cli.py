@@ -120,13 +120,13 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from pipeline.config import ConfigError, load_config
     from pipeline.data import DataError
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking.runs import TrackingError
 
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as err:
         _fail(str(err))
-    from pipeline import train as train_lib
+    from pipeline.orchestrate import train as train_lib
 
     train_lib.init_ray(ray_address, num_cpus=num_cpus)
     try:
@@ -188,16 +188,16 @@ def tune_cmd(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from pipeline.config import ConfigError, load_config
     from pipeline.data import DataError
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking.runs import TrackingError
 
     try:
         cfg = load_config(config, overrides or [])
-        from pipeline import tune as tune_lib
+        from pipeline.orchestrate import tune as tune_lib
 
         spec = tune_lib.load_search(search, cfg, num_samples=num_samples)
     except ConfigError as err:
         _fail(str(err))
-    from pipeline import train as train_lib
+    from pipeline.orchestrate import train as train_lib
 
     train_lib.init_ray(ray_address, num_cpus=num_cpus)
     try:
@@ -252,10 +252,10 @@ def evaluate(
     Example: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from pipeline import train as train_lib
     from pipeline.data import DataError
-    from pipeline.evaluation_run import run_evaluation
-    from pipeline.tracking import TrackingError
+    from pipeline.orchestrate import train as train_lib
+    from pipeline.orchestrate.evaluation import run_evaluation
+    from pipeline.tracking.runs import TrackingError
 
     train_lib.init_ray(ray_address)
     try:
@@ -297,8 +297,8 @@ def models_list(name: Annotated[str | None, typer.Argument(help="A registered mo
 
     Example: `advtrain models list digits-linf`.
     """
-    from pipeline.registry import list_versions
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking.registry import list_versions
+    from pipeline.tracking.runs import TrackingError
 
     try:
         rows = list_versions(name)
@@ -333,8 +333,8 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or N
     """
     import json
 
-    from pipeline.registry import show
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking.registry import show
+    from pipeline.tracking.runs import TrackingError
 
     try:
         typer.echo(json.dumps(show(ref), indent=2))
@@ -362,8 +362,8 @@ def promote(
     Exit code 1 and an unchanged registry when any gate fails. Example:
     `advtrain promote --name digits-linf --version challenger`.
     """
-    from pipeline import registry
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking import registry
+    from pipeline.tracking.runs import TrackingError
 
     try:
         rules = registry.load_policy(policy)
@@ -394,9 +394,9 @@ def promote(
 
 
 def _evaluate_if_missing(name: str, version: str, protocol: str) -> None:
-    from pipeline import registry
-    from pipeline import train as train_lib
-    from pipeline.evaluation_run import run_evaluation
+    from pipeline.orchestrate import train as train_lib
+    from pipeline.orchestrate.evaluation import run_evaluation
+    from pipeline.tracking import registry
 
     ref = f"{name}/{version}" if version.isdigit() else f"{name}@{version}"
     row = registry.show(ref)
@@ -416,8 +416,8 @@ def rollback(
 
     Example: `advtrain rollback --name digits-linf`.
     """
-    from pipeline.registry import rollback as do_rollback
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking.registry import rollback as do_rollback
+    from pipeline.tracking.runs import TrackingError
 
     try:
         record = do_rollback(name, alias=alias)

@@ -11,7 +11,7 @@ Pixels are stored as uint8 and handed to workers as float32 in [0,1] (pixel spac
 the model's first layer). pyarrow on its own accepts NaN pixels, label 999, ragged rows, a missing
 column and flipped bytes (see shared/NOTES), so every read checks schema, shape, label range and the
 file's sha256, and pages carry checksums that are verified. Every failure is a `DataError` naming the
-file. This module never imports ray: the Ray Data path lives in pipeline.train.
+file. This module never imports ray: the Ray Data path lives in pipeline.orchestrate.train.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Robust evaluation: worst case over an attack ensemble, sanity checks against gradient masking, reports.
 
-Pure torch (no ray, no mlflow): pipeline.evaluation_run shards `evaluate_chunk` over Ray workers and logs
+Pure torch (no ray, no mlflow): pipeline.orchestrate.evaluation shards `evaluate_chunk` over Ray workers and logs
 the report. Robust accuracy is the per-example worst case: an example counts as robust only if no
 attack of the protocol fooled it; like AutoAttack, each attack runs only on the points still robust.
 Randomness is seeded per chunk of examples, so results do not depend on how chunks are sharded.

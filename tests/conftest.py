@@ -125,7 +125,7 @@ def ray_address():
     """One local Ray instance (2 CPUs, loopback) for every integration test; its GCS address."""
     import ray
 
-    from pipeline.train import init_ray
+    from pipeline.orchestrate.train import init_ray
 
     init_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
@@ -167,7 +167,7 @@ def undefended(digits_path):
 @pytest.fixture(scope="session")
 def adversarially_trained(digits_path, tmp_path_factory):
     """PGD-AT small_cnn on digits (Linf eps=0.2), saved as a model folder; (model, folder)."""
-    from pipeline.tracking import save_weights
+    from pipeline.tracking.runs import save_weights
 
     model, arch = train_in_process(digits_path, method="pgd_at", epochs=25)
     folder = tmp_path_factory.mktemp("at-model")
@@ -219,7 +219,7 @@ def standard_baseline(ray_address, digits_recipe, tmp_path_factory):
     """One standard-training run (8 epochs, 2 Ray workers, registered as digits-it) that every
     'beats standard training' test compares against. It ships its last epoch: its best-robust epoch
     would be an undertrained early one."""
-    from pipeline.train import run_training
+    from pipeline.orchestrate.train import run_training
 
     config = digits_recipe(
         tmp_path_factory.mktemp("standard"),

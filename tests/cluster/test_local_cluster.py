@@ -178,7 +178,7 @@ def _wait_for_workers(cluster, count: int, *, excluding: set[int] = frozenset())
 
 
 def _run_of(cluster, run_name: str):
-    from pipeline.tracking import client_for
+    from pipeline.tracking.runs import client_for
 
     mlflow = client_for(cluster["tracking"])
     runs = mlflow.search_runs(

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import tracking
 from pipeline.data import load_split
 from pipeline.evaluate import evaluate_examples, sanity_checks
-from pipeline.tracking import client_for
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.runs import client_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_adversarially_trained_model_passes_every_check(digits_path, adversarial
 
 
 def test_sharded_over_ray_equals_one_process(ray_address, digits_path, adversarially_trained, tmp_path):
-    from pipeline.evaluation_run import run_evaluation
+    from pipeline.orchestrate.evaluation import run_evaluation
 
     model, folder = adversarially_trained
     x, y = load_split(digits_path, "test", max_examples=160)
@@ -88,7 +88,7 @@ def test_sharded_over_ray_equals_one_process(ray_address, digits_path, adversari
 def test_evaluation_of_a_registered_model_logs_evidence(
     ray_address, digits_path, adversarially_trained, mlflow_server, tmp_path
 ):
-    from pipeline.evaluation_run import run_evaluation
+    from pipeline.orchestrate.evaluation import run_evaluation
 
     model, folder = adversarially_trained
     arch = json.loads((folder / "architecture.json").read_text())
@@ -127,7 +127,7 @@ def test_evaluation_of_a_registered_model_logs_evidence(
 
 
 def test_missing_model_and_alias_say_what_to_change(mlflow_server):
-    from pipeline.tracking import TrackingError, resolve_model
+    from pipeline.tracking.runs import TrackingError, resolve_model
 
     with pytest.raises(TrackingError, match="no alias 'champion'"):
         client = client_for(mlflow_server)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import client_for, metric_history
-from pipeline.train import run_training
+from pipeline.orchestrate.train import run_training
+from pipeline.tracking.runs import client_for, metric_history
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

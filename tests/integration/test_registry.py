@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import registry, tracking
-from pipeline.evaluation_run import run_evaluation
-from pipeline.registry import PromotionPolicy
-from pipeline.tracking import TrackingError, client_for
+from pipeline.orchestrate.evaluation import run_evaluation
+from pipeline.tracking import registry
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.registry import PromotionPolicy
+from pipeline.tracking.runs import TrackingError, client_for
 
 pytestmark = pytest.mark.integration
 # The gate logic is what is tested here: `fast` evidence with sanity checks keeps the suite quick (the
@@ -156,7 +157,7 @@ def test_champion_loads_in_fresh_process_with_the_evaluated_accuracy(versions, m
     code = f"""
 import json, torch
 torch.set_num_threads(1)
-from pipeline.registry import load_model
+from pipeline.tracking.registry import load_model
 from pipeline.data import load_split
 from pipeline.loop import predict
 model = load_model("models:/promo@champion")

@@ -15,8 +15,8 @@ import torch
 
 from pipeline.config import to_toml
 from pipeline.loop import bf16_is_native
-from pipeline.tracking import client_for
-from pipeline.train import run_training
+from pipeline.orchestrate.train import run_training
+from pipeline.tracking.runs import client_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(
     assert int(adversarial.model_version) > int(standard.model_version)
     assert client.get_model_version_by_alias("digits-it", "challenger").version == str(adversarial.model_version)
     logged = client.get_metric_history(adversarial.mlflow_run_id, "test/clean_acc")[-1].value
-    from pipeline.tracking import TrackingError, resolve_model
+    from pipeline.tracking.runs import TrackingError, resolve_model
 
     by_run = resolve_model(f"runs:/{adversarial.mlflow_run_id}/model", tracking_uri=mlflow_server)
     assert by_run.weights_sha256 == adversarial.weights_sha256 and by_run.run_id == adversarial.mlflow_run_id
@@ -85,7 +85,7 @@ def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(
         resolve_model("runs:/0123456789abcdef/model", tracking_uri=mlflow_server)
     code = f"""
 import sys, json, torch, mlflow.pyfunc
-from pipeline.tracking import load_model
+from pipeline.tracking.runs import load_model
 from pipeline.data import load_split
 from pipeline.loop import predict
 model = load_model("models:/digits-it/{adversarial.model_version}")
@@ -106,7 +106,7 @@ print(json.dumps({{"acc": float((pred == y).float().mean()), "pyfunc_same": same
 
 def test_tampered_weights_are_refused(trained, tmp_path):
     from pipeline.models import build_model
-    from pipeline.tracking import TrackingError, load_model, load_weights, save_weights
+    from pipeline.tracking.runs import TrackingError, load_model, load_weights, save_weights
 
     arch = {
         "name": "small_cnn",
@@ -185,7 +185,7 @@ def test_weight_average_is_what_validation_sees_and_what_is_registered(
     import torch
 
     from pipeline import data as data_lib
-    from pipeline.tracking import load_model
+    from pipeline.tracking.runs import load_model
 
     config = _config(
         digits_recipe,

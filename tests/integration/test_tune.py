@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.tracking import client_for, metric_history
-from pipeline.train import FINISHED_MARKER, run_training
-from pipeline.tune import finished_trial_metrics, load_search, run_search
+from pipeline.orchestrate.train import FINISHED_MARKER, run_training
+from pipeline.orchestrate.tune import finished_trial_metrics, load_search, run_search
+from pipeline.tracking.runs import client_for, metric_history
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -104,7 +104,7 @@ def test_rayjob_entrypoint_names_a_real_script_and_config(doc):
     loaded = load_config(ROOT / config, overrides)
     assert loaded.run.storage_path.startswith("/shared"), "checkpoints on the shared volume survive a node"
     if "--search" in argv:
-        from pipeline.tune import load_search
+        from pipeline.orchestrate.tune import load_search
 
         load_search(ROOT / argv[argv.index("--search") + 1], loaded)
     runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.tune import load_search, param_space, pareto_front, parse_search
+from pipeline.orchestrate.tune import load_search, param_space, pareto_front, parse_search
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def test_search_algorithms_are_built_with_the_concurrency_limit(base):
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipeline.tune import _search_alg
+    from pipeline.orchestrate.tune import _search_alg
 
     space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
     optuna = _search_alg(parse_search({"search": {"algorithm": "optuna"}, "space": space}, base), 3)

@@ -44,15 +44,15 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import tune
 
-from pipeline import tracking
 from pipeline.config import Config, ConfigError, _tables, _unknown, config_from_dict, to_toml
-from pipeline.train import (
+from pipeline.orchestrate.train import (
     TRIAL_DRIVER_RESOURCE,
     absolute_locations,
     finished_run_record,
     run_training,
     unique_run_name,
 )
+from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 

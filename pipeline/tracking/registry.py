@@ -10,7 +10,7 @@ the promotion (who, when, gates, numbers) as version tags and in the registered 
 Promotions and rollbacks of one registered model are serialised by a lock that lives in the registry
 itself: creating the registered model `<name>.promotion-lock` succeeds for exactly one process (the
 tracking store's unique name constraint), from any machine. A lock older than `LOCK_STALE_S` (a
-crashed holder) is broken. Talks to MLflow through pipeline.tracking's client.
+crashed holder) is broken. Talks to MLflow through pipeline.tracking.runs's client.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline import tracking
-from pipeline.tracking import TrackingError, client_for, load_model, resolve_tracking_uri
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.runs import TrackingError, client_for, load_model, resolve_tracking_uri
 
 __all__ = ["PromotionPolicy", "list_versions", "load_model", "load_policy", "promote", "rollback", "show"]
 

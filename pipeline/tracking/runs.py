@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "advtrain.run_name"
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
-PYFUNC_SCRIPT = Path(__file__).with_name("mlflow_pyfunc.py")
+PYFUNC_SCRIPT = Path(__file__).with_name("pyfunc.py")
 DEFAULT_STORE = "mlruns"
 
 
@@ -281,7 +281,8 @@ def _log_and_register(
                 name="model",
                 python_model=str(PYFUNC_SCRIPT),
                 artifacts={"weights": str(folder / WEIGHTS_FILE), "architecture": str(folder / ARCH_FILE)},
-                code_paths=[str(Path(__file__).parent)],
+                # The whole pipeline package, so the pyfunc imports pipeline.models wherever it loads.
+                code_paths=[str(Path(__file__).parents[1])],
                 # Explicit requirements: inferring them costs ~10 s (shared/NOTES).
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
             )

@@ -29,9 +29,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import data as data_lib
-from pipeline import tracking
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.models import architecture
+from pipeline.tracking import runs as tracking
 from pipeline.training import LocalWorld, Trainer
 from pipeline.training.world import STATE_FILE
 
@@ -419,7 +419,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             # to one in /tmp/ray) exists; clusters are joined only through an explicit address.
             address="local",
             num_cpus=num_cpus,
-            # Tune trial drivers hold this instead of a CPU (pipeline/tune.py): a trial that only waits on
+            # Tune trial drivers hold this instead of a CPU (pipeline/orchestrate/tune.py): a trial that only waits on
             # its TorchTrainer must not take a CPU its own workers need.
             resources={TRIAL_DRIVER_RESOURCE: 1000},
             include_dashboard=True,

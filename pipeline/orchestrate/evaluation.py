@@ -20,7 +20,6 @@ import ray
 import torch
 
 from pipeline import data as data_lib
-from pipeline import tracking
 from pipeline.evaluate import (
     PROTOCOLS,
     ChunkResult,
@@ -33,6 +32,7 @@ from pipeline.evaluate import (
     sanity_checks,
 )
 from pipeline.models import build_model
+from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 
