@@ -57,6 +57,8 @@ fi
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
 export RAY_USAGE_STATS_ENABLED=0
+# Train V2 takes one report per health check (2 s by default): short epochs waited for it.
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.25}
 # Ray's default raylet start-up deadline is tight for a loaded 2-core machine.
 export RAY_raylet_start_wait_time_s=${RAY_raylet_start_wait_time_s:-120}
 # Job entrypoints say `python ...`: make it the environment's Python, the one with the dependencies.

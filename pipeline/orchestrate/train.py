@@ -406,6 +406,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        # Train V2's controller takes one report per health check (every 2 s by default) and a worker's
+        # next report blocks until then: epochs shorter than 2 s each waited for it (a digits epoch is
+        # 0.5 s). Measured: 8 epochs in 30.7 s -> 17.8 s. Inherited by a local instance's processes.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     }.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or None
