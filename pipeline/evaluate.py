@@ -5,14 +5,12 @@ the report. Robust accuracy is the per-example worst case: an example counts as 
 attack of the protocol fooled it; like AutoAttack, each attack runs only on the points still robust.
 Randomness is seeded per chunk of examples, so results do not depend on how chunks are sharded.
 
-Sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Athalye et al. 2018;
-AutoAttack's warnings) flag a model as suspect when its number is likely an artefact of weak attacks
-or masked gradients.
+The sanity checks that flag a number as a likely artefact of weak attacks or masked gradients are
+pipeline/sanity.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +21,6 @@ import torch
 from torch import nn
 
 from pipeline.attacks import get_attack
-from pipeline.attacks.losses import cw_margin
 
 # (attack name, keyword arguments). step_size for PGD is set from eps at run time.
 PROTOCOLS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -37,7 +34,6 @@ PROTOCOLS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "pgd": [("pgd", {"num_steps": 50, "num_restarts": 2}), ("pgd_cw", {"num_steps": 50, "num_restarts": 1})],
 }
 NUM_GRID_EXAMPLES = 16
-SANITY_EXAMPLES = 200
 
 
 @dataclass
@@ -185,139 +181,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-# --------------------------------------------------------------------------- sanity checks
-
-
-def _accuracy_under(model, x, y, attack: str, seed: int, **kwargs) -> float:
-    generator = torch.Generator().manual_seed(seed)
-    x_adv = get_attack(attack)(model, x, y, generator=generator, **kwargs)
-    with torch.no_grad():
-        return float((model(x_adv).argmax(1) == y).float().mean())
-
-
-def large_eps(norm: str, shape: tuple[int, ...]) -> float:
-    """A radius that contains a neutral image for every input: Linf 0.5 (all-grey), L2 its equivalent."""
-    return 0.5 if norm == "linf" else 0.5 * math.sqrt(math.prod(shape))
-
-
-def unbounded_eps(norm: str, shape: tuple[int, ...]) -> float:
-    """A radius that contains the whole image box: any image is reachable."""
-    return 1.0 if norm == "linf" else math.sqrt(math.prod(shape))
-
-
-def sanity_checks(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    norm: str,
-    eps: float,
-    num_classes: int,
-    result: ChunkResult,
-    protocol: str,
-    seed: int,
-) -> dict[str, Any]:
-    """The six checks on the first SANITY_EXAMPLES examples (model in eval mode). Each has numbers,
-    a threshold and `passed`; `suspect` is True when any fails."""
-    n = min(SANITY_EXAMPLES, len(y))
-    xs, ys = x[:n], y[:n]
-    shape = tuple(x.shape[1:])
-    checks: dict[str, dict[str, Any]] = {}
-    names = [name for name, _ in PROTOCOLS[protocol]]
-    worst_subset = float(result.robust[:n].float().mean())
-    chance = max(1.0 / num_classes, float(torch.bincount(ys, minlength=num_classes).max()) / n)
-
-    # (1) Accuracy falls as eps grows and reaches chance at a large eps.
-    big = large_eps(norm, shape)
-    grid = sorted({round(eps * f, 6) for f in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)} | {big})
-    grid = [e for e in grid if e <= big]
-    curve = [
-        (
-            e,
-            _accuracy_under(model, xs, ys, "apgd_ce", seed, eps=e, norm=norm, num_steps=50)
-            if e > 0
-            else float((model(xs).argmax(1) == ys).float().mean()),
-        )
-        for e in grid
-    ]
-    rises = [(a, b) for (_, a), (_, b) in itertools.pairwise(curve) if b > a + 0.01]
-    checks["monotone_in_eps"] = {
-        "curve": [{"eps": e, "accuracy": a} for e, a in curve],
-        "largest_rise": max((b - a for a, b in rises), default=0.0),
-        "accuracy_at_large_eps": curve[-1][1],
-        "chance": chance,
-        "passed": not rises and curve[-1][1] <= chance + 0.02,
-        "rule": "accuracy never rises by > 1 point as eps grows; at the large eps it is <= chance + 2 points",
-    }
-    # (2) An unbounded attack succeeds on (almost) everything.
-    unbounded_acc = _accuracy_under(
-        model, xs, ys, "apgd_ce", seed, eps=unbounded_eps(norm, shape), norm=norm, num_steps=100
-    )
-    checks["unbounded_attack"] = {
-        "success_rate": 1.0 - unbounded_acc,
-        "passed": unbounded_acc <= 0.01,
-        "rule": "an attack with the whole image box as budget succeeds on >= 99% of examples",
-    }
-    # (3) Iterative attacks are at least as strong as FGSM.
-    fgsm_acc = _accuracy_under(model, xs, ys, "fgsm", seed, eps=eps, norm=norm)
-    checks["iterative_beats_fgsm"] = {
-        "fgsm_accuracy": fgsm_acc,
-        "ensemble_accuracy": worst_subset,
-        "passed": worst_subset <= fgsm_acc,
-        "rule": "worst-case robust accuracy <= FGSM accuracy",
-    }
-    # (4) More steps and restarts barely change the number.
-    still = result.robust[:n].nonzero().squeeze(1)
-    newly = 0
-    if still.numel():
-        generator = torch.Generator().manual_seed(seed + 1)
-        xr, yr = xs[still], ys[still]
-        stronger = get_attack("apgd_ce")(
-            model, xr, yr, eps=eps, norm=norm, num_steps=200, num_restarts=3, generator=generator
-        )
-        with torch.no_grad():
-            fooled = model(stronger).argmax(1) != yr
-        rest = (~fooled).nonzero().squeeze(1)
-        if rest.numel():
-            stronger_t = get_attack("apgd_t")(
-                model, xr[rest], yr[rest], eps=eps, norm=norm, num_steps=200, num_target_classes=3, generator=generator
-            )
-            with torch.no_grad():
-                fooled[rest] |= model(stronger_t).argmax(1) != yr[rest]
-        newly = int(fooled.sum())
-    checks["more_steps_restarts"] = {
-        "extra_broken": newly,
-        "accuracy_change": newly / n,
-        # Below 100 examples one example is more than a point: allow that single one.
-        "passed": newly / n < 0.01 or newly <= 1,
-        "rule": "APGD-CE (200 steps, 3 restarts) + APGD-T (top-3, 200 steps) change it by < 1 point (or 1 example)",
-    }
-    # (5) The black-box attack is not stronger than the white-box ones (AutoAttack's 0.2-point rule).
-    if "square" in names and len(names) > 1:
-        before = result.robust_after[names[names.index("square") - 1]].float().mean()
-        after = result.robust_after["square"].float().mean()
-        checks["black_box_not_stronger"] = {
-            "white_box_accuracy": float(before),
-            "after_square": float(after),
-            "square_extra_drop": float(before - after),
-            "passed": float(before - after) <= 0.002,
-            "rule": "Square lowers the white-box robust accuracy by at most 0.2 points",
-        }
-    # (6) Input gradients exist: none zero or non-finite. The CW margin does not saturate the way the
-    # cross-entropy of a very confident model does, so a zero here means a masked gradient.
-    probe = xs.clone().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(cw_margin(model(probe), ys).sum(), probe)
-    flat = grad.flatten(1)
-    bad = (~torch.isfinite(flat).all(1)) | (flat.abs().amax(1) == 0)
-    checks["gradients_finite_nonzero"] = {
-        "fraction_zero_or_nonfinite": float(bad.float().mean()),
-        "passed": float(bad.float().mean()) <= 0.01,
-        "rule": "<= 1% of examples have an all-zero or non-finite input gradient (CW margin loss)",
-    }
-    return {"num_examples": n, "checks": checks, "passed": all(c["passed"] for c in checks.values())}
 
 
 def report(

@@ -29,9 +29,9 @@ from pipeline.evaluate import (
     plot_curve,
     plot_examples,
     report,
-    sanity_checks,
 )
 from pipeline.models import build_model
+from pipeline.sanity import sanity_checks
 from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from pipeline.data import load_split
-from pipeline.evaluate import evaluate_examples, sanity_checks
+from pipeline.evaluate import evaluate_examples
+from pipeline.sanity import sanity_checks
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.runs import client_for
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-CORE = ["config", "data", "models", "attacks", "methods", "schedules", "loop", "training", "evaluate", "cli"]
+CORE = ["config", "data", "models", "attacks", "methods", "schedules", "loop", "training", "evaluate", "sanity", "cli"]
 
 
 def test_core_modules_do_not_import_ray_or_mlflow(tmp_path):
