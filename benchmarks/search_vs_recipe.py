@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.orchestrate.tune import plot_clean_vs_robust
+from pipeline.orchestrate.search_report import plot_clean_vs_robust
 from pipeline.tracking import runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]

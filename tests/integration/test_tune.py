@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.orchestrate.train import FINISHED_MARKER, run_training
-from pipeline.orchestrate.tune import finished_trial_metrics, load_search, run_search
+from pipeline.orchestrate.tune import finished_trial_metrics, run_search
+from pipeline.search import load_search
 from pipeline.tracking.runs import client_for, metric_history
 
 pytestmark = pytest.mark.integration

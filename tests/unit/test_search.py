@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.orchestrate.tune import load_search, param_space, pareto_front, parse_search
+from pipeline.orchestrate.search_report import pareto_front
+from pipeline.orchestrate.tune import param_space
+from pipeline.search import load_search, parse_search
 
 ROOT = Path(__file__).resolve().parents[2]
 
