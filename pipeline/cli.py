@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.data.sources import SOURCES
+
 app = typer.Typer(
     help="advtrain: distributed adversarial training on Ray, tracked in MLflow.",
     no_args_is_help=True,
@@ -24,11 +26,8 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 
 
-class Source(StrEnum):
-    digits = "digits"
-    fashion_mnist = "fashion-mnist"
-    cifar10 = "cifar10"
-    npz = "npz"
+# The choices of `advtrain data prepare`: every entry of pipeline.data's source registry.
+Source = StrEnum("Source", {name: name for name in SOURCES})
 
 
 def _fail(message: str) -> None:
@@ -40,17 +39,12 @@ def _fail(message: str) -> None:
 def data_prepare(
     kind: Annotated[
         Source,
-        typer.Argument(
-            help="digits (bundled with scikit-learn), fashion-mnist (IDX files), cifar10 (python batches) or npz."
-        ),
+        typer.Argument(help=", ".join(f"{name} ({spec.about})" for name, spec in SOURCES.items()) + "."),
     ],
     out: Annotated[Path, typer.Option(help="Output folder (metadata.json + train/val/test Parquet).")] = Path(""),
     source: Annotated[
         Path | None,
-        typer.Option(
-            help="fashion-mnist: folder of IDX .gz files (/usr/share/datasets/fashion-mnist); cifar10: the extracted "
-            "cifar-10-batches-py folder; npz: the file."
-        ),
+        typer.Option(help="; ".join(f"{name}: {spec.needs}" for name, spec in SOURCES.items() if spec.needs) + "."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
 ) -> None:
@@ -63,23 +57,12 @@ def data_prepare(
     """
     from pipeline import data
 
+    spec = SOURCES[kind.value]
     out = out if str(out) not in ("", ".") else Path("data") / kind.value
+    if spec.needs and source is None:
+        _fail(f"{kind.value} needs --source {spec.needs}")
     try:
-        match kind:
-            case Source.digits:
-                info = data.prepare_digits(out, seed=seed)
-            case Source.fashion_mnist:
-                if source is None:
-                    _fail("fashion-mnist needs --source DIR (e.g. /usr/share/datasets/fashion-mnist)")
-                info = data.prepare_fashion_mnist(source, out, seed=seed)
-            case Source.cifar10:
-                if source is None:
-                    _fail("cifar10 needs --source DIR (the extracted cifar-10-batches-py folder)")
-                info = data.prepare_cifar10(source, out, seed=seed)
-            case Source.npz:
-                if source is None:
-                    _fail("npz needs --source FILE.npz")
-                info = data.prepare_npz(source, out, seed=seed)
+        info = spec.prepare(source, out, seed=seed)
     except data.DataError as err:
         _fail(str(err))
     rows = ", ".join(f"{s} {info.num_rows(s)}" for s in data.SPLITS)

@@ -1,0 +1,70 @@
+"""The project's Parquet dataset format: preparation, validation and per-worker tensors.
+
+A prepared dataset is a folder::
+
+    metadata.json            shape (C,H,W), num_classes, class names, channel mean/std, source,
+                             and per split the files with their row counts and sha256
+    train/part-00000.parquet columns image: fixed_size_binary(C*H*W) of uint8 pixels, label: int64
+    val/...  test/...
+
+- `format`: the schema, DatasetInfo, DataError, write_dataset, read_metadata/read_file (every check
+  applied), validate_dataset. numpy and pyarrow only.
+- `sources`: SOURCES, the registry of what `advtrain data prepare` reads (digits, Fashion-MNIST IDX,
+  CIFAR-10 python batches, .npz).
+- `shards`: what a worker holds: load_split (float32 in [0,1]), decode_batch (Ray Data batches),
+  shard_indices (each rank's share of an epoch).
+
+Nothing here imports ray: the Ray Data path lives in pipeline.orchestrate.train.
+"""
+
+from pipeline.data.format import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    SPLITS,
+    DataError,
+    DatasetInfo,
+    read_file,
+    read_metadata,
+    sha256_file,
+    validate_dataset,
+    write_dataset,
+)
+from pipeline.data.shards import decode_batch, load_split, shard_indices, to_float, train_bytes_as_float
+from pipeline.data.sources import (
+    CIFAR10_CLASSES,
+    CIFAR10_TRAIN_BATCHES,
+    FASHION_MNIST_CLASSES,
+    SOURCES,
+    SourceSpec,
+    prepare_cifar10,
+    prepare_digits,
+    prepare_fashion_mnist,
+    prepare_npz,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_TRAIN_BATCHES",
+    "FASHION_MNIST_CLASSES",
+    "FORMAT_VERSION",
+    "METADATA_FILE",
+    "SOURCES",
+    "SPLITS",
+    "DataError",
+    "DatasetInfo",
+    "SourceSpec",
+    "decode_batch",
+    "load_split",
+    "prepare_cifar10",
+    "prepare_digits",
+    "prepare_fashion_mnist",
+    "prepare_npz",
+    "read_file",
+    "read_metadata",
+    "sha256_file",
+    "shard_indices",
+    "to_float",
+    "train_bytes_as_float",
+    "validate_dataset",
+    "write_dataset",
+]
