@@ -35,11 +35,10 @@ def main() -> None:
     from art.estimators.classification import PyTorchClassifier
 
     from pipeline.config import config_from_dict
-    from pipeline.data import load_split, prepare_digits, read_metadata
+    from pipeline.data import load_split, prepare_digits
     from pipeline.evaluate import evaluate_examples
-    from pipeline.loop import fit_plain
-    from pipeline.models import architecture, build_model
     from pipeline.tracking.runs import load_model
+    from pipeline.training import fit_in_process
 
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "digits"
     if not (data / "metadata.json").exists():
@@ -49,17 +48,14 @@ def main() -> None:
     else:
         config = config_from_dict(
             {
-                "run": {"epochs": 25},
-                "data": {"batch_size": 64},
+                "run": {"epochs": 25, "keep_best": False},
+                "data": {"path": str(data), "batch_size": 64},
                 "attack": {"eps": 0.2, "num_steps": 7},
                 "schedule": {"eps_ramp": "linear", "eps_ramp_epochs": 5},
                 "optim": {"name": "adam", "lr": 0.001, "weight_decay": 0.0},
             }
         )
-        info = read_metadata(data)
-        torch.manual_seed(0)
-        model = build_model(architecture(config.model, shape=info.shape, num_classes=10, mean=info.mean, std=info.std))
-        fit_plain(model, *load_split(data, "train"), config=config)
+        model = fit_in_process(config)[0]
     model.eval()
     x, y = load_split(data, "test", max_examples=args.num_examples)
 

@@ -50,9 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline import loop, tracking
+    from pipeline import tracking
     from pipeline.data import load_split
     from pipeline.evaluate import evaluate_examples, wilson_interval
+    from pipeline.training.validation import pgd20_correct, predict
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri, cwd=ROOT)
     client = tracking.client_for(uri)
@@ -83,8 +84,8 @@ def main() -> None:
             if "clean_acc_10k" not in earlier.get(name, {}):
                 raise SystemExit(f"--ensemble-only: {args.out} has no 10k row for '{name}'; run once without it")
         else:
-            clean = float((loop.predict(model, x_test, batch_size=500, device=device) == y_test).float().mean())
-            pgd20 = loop.pgd20_correct(model, x_test, y_test, eps=eps, norm=params["attack.norm"], device=device)
+            clean = float((predict(model, x_test, batch_size=500, device=device) == y_test).float().mean())
+            pgd20 = pgd20_correct(model, x_test, y_test, eps=eps, norm=params["attack.norm"], device=device)
             row |= {"clean_acc_10k": clean, "pgd20_acc_10k": pgd20["robust_correct"] / pgd20["count"]}
             # Printed before the ensemble, which takes tens of minutes: an interrupted run keeps these.
             print(f"{name}: clean (10k) {clean:.4f}, PGD-20 (10k) {row['pgd20_acc_10k']:.4f}", flush=True)

@@ -8,7 +8,7 @@ steps of the two Fashion-MNIST recipes that set "auto":
     fashion_mnist_fast_short: FGSM-RS (1 attack step + one SGD step), small_cnn width 1, batch 128
     fashion_mnist_mart_wide:  MART, PGD-3 (3 attack steps + one SGD step), small_cnn width 2, batch 64
 
-Each step is `pipeline.loop.train_epoch` on one minibatch, as a Ray worker runs it. Both precisions
+Each step is `pipeline.training.steps.train_epoch` on one minibatch, as a Ray worker runs it. Both precisions
 start from the same weights and alternate round by round, so drift on a noisy machine hits both alike.
 The median over rounds is kept, and round 0 (warm-up) is dropped. Prints a markdown table of ratios
 (bf16 time / fp32 time: above 1 means bf16 is slower), then whether "auto"'s choice was the faster one.
@@ -25,9 +25,10 @@ import statistics
 import torch
 
 from pipeline.config import AttackConfig, Config, ModelConfig
-from pipeline.loop import bf16_is_native, make_optimizer, train_epoch, training_precision
 from pipeline.methods import get_method
 from pipeline.models import architecture, build_model
+from pipeline.training.plan import EpochPlan
+from pipeline.training.steps import bf16_is_native, make_optimizer, train_epoch, training_precision
 
 CASES = (
     # label, method, attack, width, batch
@@ -44,7 +45,7 @@ def _step(method_name: str, attack: AttackConfig, width: int, batch: int, precis
     model = build_model(arch)
     optimizer = make_optimizer(model, Config().optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    method = get_method(method_name)
+    plan = EpochPlan(method_name, get_method(method_name), attack, eps_for_step=lambda step: 0.1, attack_mode="eval")
     x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
 
@@ -53,15 +54,12 @@ def _step(method_name: str, attack: AttackConfig, width: int, batch: int, precis
             model,
             model,
             [(x, y)],
+            plan,
             optimizer=optimizer,
             scheduler=scheduler,
-            method=method,
-            attack=attack,
-            eps_for_step=lambda step: 0.1,
-            attack_mode="eval",
             device=torch.device("cpu"),
             generator=torch.Generator().manual_seed(3),
-            mixed_precision=precision,
+            precision=precision,
         )["seconds"]
 
     return step

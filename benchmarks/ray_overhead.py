@@ -3,7 +3,7 @@
 On a Fashion-MNIST subset (the first --train-examples of data/fashion-mnist, written to a temporary
 Parquet dataset) with the fashion_mnist_fast recipe (FGSM-RS, small_cnn, batch 128), one epoch each:
 
-    plain       pipeline.loop.fit_plain in this process, torch threads = --cpus (no Ray at all)
+    plain       the same Trainer in this process (fit_in_process), torch threads = --cpus (no Ray)
     ray-1x2     run_training through Ray Train: 1 worker with --cpus CPUs (same threads, same loop)
     ray-1x1     1 worker with 1 CPU, in-memory shards       } the data path: same worker, data in
     ray-data    1 worker with 1 CPU, Ray Data streaming     } memory vs streamed by Ray Data
@@ -38,8 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import data as data_lib  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.loop import fit_plain  # noqa: E402
-from pipeline.models import architecture, build_model  # noqa: E402
+from pipeline.training import fit_in_process  # noqa: E402
 
 
 def _subset(source: Path, out: Path, train_examples: int) -> None:
@@ -93,18 +92,13 @@ def main() -> None:
     init_ray(num_cpus=args.cpus)
     ray_init_s = time.perf_counter() - started
 
-    info = data_lib.validate_dataset(data)
-    x_train, y_train = data_lib.load_split(str(data), "train")
+    data_lib.validate_dataset(data)
 
     def plain() -> dict:
-        cfg = config()
         torch.set_num_threads(args.cpus)
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(
-            architecture(cfg.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
-        )
-        stats = fit_plain(model, x_train, y_train, config=cfg)[0]
-        return {"train_s": stats["seconds"], "images_per_s": stats["count"] / stats["seconds"]}
+        _, _, reporter = fit_in_process(config())
+        epoch = reporter.metrics[1]
+        return {"train_s": epoch["time/train_s"], "images_per_s": epoch["train/images_per_s"]}
 
     def on_ray(workers: int, cpus: float, loader: str = "memory") -> dict:
         cfg = config(f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus}", f'data.loader="{loader}"')

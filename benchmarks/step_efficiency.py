@@ -1,7 +1,7 @@
 """Step efficiency against its floor, and against IBM ART's PGD, in one process and one run.
 
 A method's training step on small_cnn / Fashion-MNIST batches, timed through the real training loop
-(`pipeline.loop.train_epoch`: the method, the attack, eps schedule, optimizer and LR scheduler step),
+(`pipeline.training.steps.train_epoch`: the method, the attack, eps schedule, optimizer and LR scheduler step),
 divided by its floor, built from primitives timed in the same run on the same batches:
 
     A  forward + backward to the input only (one attack step's unavoidable work)
@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data as data_lib
-from pipeline import loop
 from pipeline.config import AttackConfig, ModelConfig, OptimConfig
 from pipeline.methods import get_method
 from pipeline.models import architecture, build_model
+from pipeline.training import steps
+from pipeline.training.plan import EpochPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,8 @@ def _fresh(arch: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.op
     torch.manual_seed(0)
     model = build_model(arch)
     config = OptimConfig(name="sgd", lr=0.01, lr_schedule="constant")
-    optimizer = loop.make_optimizer(model, config)
-    return model, optimizer, loop.make_scheduler(optimizer, config, total_epochs=1, steps_per_epoch=1)
+    optimizer = steps.make_optimizer(model, config)
+    return model, optimizer, steps.make_scheduler(optimizer, config, total_epochs=1, steps_per_epoch=1)
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -86,24 +87,27 @@ def main() -> None:
 
     def method_step(name: str, attack: AttackConfig, replays: int = 1, awp_gamma: float = 0.0) -> Callable[[], None]:
         model, optimizer, scheduler = _fresh(arch)
-        method = get_method(name)
+        plan = EpochPlan(
+            name,
+            get_method(name),
+            attack,
+            eps_for_step=lambda _step: eps,
+            attack_mode="eval",
+            replays=replays,
+            awp_gamma=awp_gamma,
+        )
         generator = torch.Generator().manual_seed(0)
 
         def run() -> None:
-            loop.train_epoch(
+            steps.train_epoch(
                 model,
                 model,
                 batches,
+                plan,
                 optimizer=optimizer,
                 scheduler=scheduler,
-                method=method,
-                attack=attack,
-                eps_for_step=lambda _step: eps,
-                attack_mode="eval",
                 device=device,
                 generator=generator,
-                replays=replays,
-                awp_gamma=awp_gamma,
             )
 
         return run

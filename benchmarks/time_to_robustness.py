@@ -2,7 +2,7 @@
 robust accuracy first reaches a target (default 70% on the first 1,000 validation examples, eps 0.1).
 
 Each recipe (jobs/configs/fashion_mnist_<name>.toml: its method, attack, eps ramp, LR schedule and
-epochs) trains in this process through the training loop Ray workers run (pipeline.loop.fit_plain),
+epochs) trains in this process through the driver Ray workers run (`Trainer`, via fit_in_process),
 one worker's worth of work with --threads threads, no Ray. Every --eval-every training steps the
 model is evaluated (PGD-20, step 2.5 eps / 20, one random start, fixed seed); evaluation time is not
 counted. A recipe stops at the target, at the end of its schedule, or at --budget-min of training.
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from pipeline import data as data_lib
-from pipeline import loop
 from pipeline.config import load_config
-from pipeline.models import architecture, build_model
+from pipeline.training import fit_in_process
+from pipeline.training.validation import pgd20_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("fast", "free", "pgd", "trades", "mart")
@@ -37,19 +37,14 @@ RECIPES = ("fast", "free", "pgd", "trades", "mart")
 def run_recipe(recipe: str, args: argparse.Namespace, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
     config = load_config(ROOT / f"jobs/configs/fashion_mnist_{recipe}.toml", overrides=[f'data.path="{args.data}"'])
     info = data_lib.validate_dataset(args.data)
-    x, y = data_lib.load_split(args.data, "train")
-    torch.manual_seed(config.run.seed)
-    model = build_model(
-        architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
-    )
     device = torch.device("cpu")
-    steps_per_epoch = -(-len(y) // config.data.batch_size)
+    steps_per_epoch = -(-info.num_rows("train") // config.data.batch_size)
     trace: list[dict] = []
     step_ms: list[float] = []
     train_s = 0.0
     steps = 0
 
-    def after_step(epoch: int, step: int, seconds: float) -> bool:
+    def after_step(epoch: int, step: int, seconds: float, model: torch.nn.Module) -> bool:
         """Count the step; every --eval-every steps and at each epoch's end evaluate (not timed) and
         say whether to stop: target reached or training budget spent."""
         nonlocal train_s, steps
@@ -58,7 +53,7 @@ def run_recipe(recipe: str, args: argparse.Namespace, x_val: torch.Tensor, y_val
         steps += 1
         if (step + 1) % args.eval_every and step + 1 != steps_per_epoch:
             return False
-        val = loop.pgd20_correct(model, x_val, y_val, eps=config.attack.eps, norm=config.attack.norm, device=device)
+        val = pgd20_correct(model, x_val, y_val, eps=config.attack.eps, norm=config.attack.norm, device=device)
         point = {
             "epoch": round(epoch - 1 + (step + 1) / steps_per_epoch, 3),
             "steps": steps,
@@ -70,7 +65,7 @@ def run_recipe(recipe: str, args: argparse.Namespace, x_val: torch.Tensor, y_val
         print(f"  {recipe}: {point}", flush=True)
         return point["robust"] >= args.target or train_s > 60 * args.budget_min
 
-    loop.fit_plain(model, x, y, config=config, device=device, on_step=after_step)
+    fit_in_process(config, device=device, on_step=after_step)
     reached = next((p for p in trace if p["robust"] >= args.target), None)
     median_ms = statistics.median(step_ms)
     return {

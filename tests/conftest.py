@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # MLflow draws a progress bar per artifact download; it only buries test output.
@@ -133,28 +132,24 @@ def ray_address():
 
 
 def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0):
-    """A small_cnn trained on digits without Ray (loop.fit_plain): real models for attack/eval tests."""
+    """A small_cnn trained on digits without Ray (the one `Trainer`, in this process): real models for
+    attack/eval tests. The last epoch's weights; validation kept small, as only the weights are wanted."""
     from pipeline.config import config_from_dict
-    from pipeline.data import load_split, read_metadata
-    from pipeline.loop import fit_plain
-    from pipeline.models import architecture, build_model
+    from pipeline.training import fit_in_process
 
     config = config_from_dict(
         {
-            "run": {"epochs": epochs, "seed": seed},
-            "data": {"batch_size": 64},
+            "run": {"epochs": epochs, "seed": seed, "keep_best": False},
+            "data": {"path": str(digits_path), "batch_size": 64},
             "attack": {"eps": 0.2, "num_steps": 7},
-            "method": {"name": method},
+            # The guard's probe would be 32 examples here: too few to judge a collapse by.
+            "method": {"name": method, "co_guard": False},
             "schedule": {"eps_ramp": "linear", "eps_ramp_epochs": 5},
             "optim": {"name": "adam", "lr": 0.001 if method != "standard" else 0.002, "weight_decay": 0.0},
+            "validation": {"num_examples": 32, "num_steps": 2},
         }
     )
-    info = read_metadata(digits_path)
-    x, y = load_split(digits_path, "train")
-    arch = architecture(config.model, shape=info.shape, num_classes=10, mean=info.mean, std=info.std)
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    fit_plain(model, x, y, config=config)
+    model, arch, _ = fit_in_process(config)
     return model.eval(), arch
 
 

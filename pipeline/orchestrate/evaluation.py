@@ -57,6 +57,61 @@ def _sanity_task(model_ref, x, y, **kwargs) -> dict[str, Any]:
     return sanity_checks(_rebuild(arch, state), x, y, **kwargs)
 
 
+def _threat_model(params: dict[str, str], norm: str | None, eps: float | None) -> tuple[str, float]:
+    """The threat model to evaluate under: the one given, else the one the model was trained for."""
+    norm = norm or params.get("attack.norm")
+    eps = eps if eps is not None else (float(params["attack.eps"]) if "attack.eps" in params else None)
+    if norm not in ("linf", "l2") or eps is None or eps < 0:
+        raise ValueError(f"threat model unknown or invalid (norm={norm!r}, eps={eps!r}): pass --norm linf|l2 --eps E")
+    return norm, eps
+
+
+def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, **attack) -> ChunkResult:
+    """Every chunk of examples as a Ray task, merged per example."""
+    pending = [
+        _chunk_task.remote(model_ref, x[s : s + chunk_size], y[s : s + chunk_size], start=s, **attack)
+        for s in range(0, len(y), chunk_size)
+    ]
+    return merge(_gather(pending, total=len(y), chunk_size=chunk_size, progress=progress))
+
+
+def _write_report(rep: dict[str, Any], result: ChunkResult, sanity, x, y, info, out: Path, *, norm, eps) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / "per_example.json").write_text(json.dumps(per_example(result)) + "\n")
+    if sanity:
+        plot_curve(sanity, out / "accuracy_vs_eps.png", norm=norm, eps=eps)
+    plot_examples(x, y, result, list(info.class_names), out / "examples.png")
+    rep["report_dir"] = str(out.resolve())
+
+
+def _log_evidence(resolved, rep: dict[str, Any], out: Path, *, label: str, split: str, attack: dict[str, Any]) -> None:
+    """The report as artifacts of the model's run, and its summary as tags of the model version, which
+    promotion reads (with the weights' sha256, so the evidence is bound to these weights)."""
+    if resolved.run_id:
+        tracking.log_artifacts(resolved.tracking_uri, resolved.run_id, out, f"evaluation/{label}")
+    if not (resolved.name and resolved.version):
+        return
+    sanity = rep.get("sanity")
+    tracking.set_version_tags(
+        resolved.tracking_uri,
+        resolved.name,
+        resolved.version,
+        {
+            "eval.robust_acc": rep["robust_accuracy"],
+            "eval.clean_acc": rep["clean_accuracy"],
+            "eval.protocol": attack["protocol"],
+            "eval.norm": attack["norm"],
+            "eval.eps": attack["eps"],
+            "eval.num_examples": rep["protocol"]["num_examples"],
+            "eval.split": split,
+            "eval.sanity": "skipped" if sanity is None else ("passed" if sanity["passed"] else "failed"),
+            "eval.weights_sha256": resolved.weights_sha256,
+            "eval.report": f"runs:/{resolved.run_id}/evaluation/{label}/report.json",
+        },
+    )
+
+
 def run_evaluation(
     model_uri: str,
     *,
@@ -82,47 +137,18 @@ def run_evaluation(
     data_path = data_path or params.get("data.path")
     if not data_path:
         raise ValueError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
-    norm = norm or params.get("attack.norm")
-    eps = eps if eps is not None else (float(params["attack.eps"]) if "attack.eps" in params else None)
-    if norm not in ("linf", "l2") or eps is None or eps < 0:
-        raise ValueError(f"threat model unknown or invalid (norm={norm!r}, eps={eps!r}): pass --norm linf|l2 --eps E")
+    norm, eps = _threat_model(params, norm, eps)
     info = data_lib.read_metadata(data_path)
     if list(info.shape) != list(resolved.architecture["shape"]):
         raise ValueError(f"{data_path}: images {info.shape} but the model expects {resolved.architecture['shape']}")
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
-    run_sanity = protocol == "standard" if run_sanity is None else run_sanity
 
     model_ref = ray.put((resolved.architecture, resolved.model.state_dict()))
-    pending = [
-        _chunk_task.remote(
-            model_ref,
-            x[s : s + chunk_size],
-            y[s : s + chunk_size],
-            start=s,
-            norm=norm,
-            eps=eps,
-            protocol=protocol,
-            seed=seed,
-        )
-        for s in range(0, len(y), chunk_size)
-    ]
-    chunks = _gather(pending, total=len(y), chunk_size=chunk_size, progress=progress)
-    result = merge(chunks)
+    attack = {"norm": norm, "eps": eps, "protocol": protocol, "seed": seed}
+    result = _evaluate_sharded(model_ref, x, y, chunk_size=chunk_size, progress=progress, **attack)
     sanity = None
-    if run_sanity:
-        sanity = ray.get(
-            _sanity_task.remote(
-                model_ref,
-                x,
-                y,
-                norm=norm,
-                eps=eps,
-                num_classes=info.num_classes,
-                result=result,
-                protocol=protocol,
-                seed=seed,
-            )
-        )
+    if protocol == "standard" if run_sanity is None else run_sanity:
+        sanity = ray.get(_sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
     model_info = {
         "uri": model_uri,
         "name": resolved.name,
@@ -132,46 +158,12 @@ def run_evaluation(
         "architecture": resolved.architecture["name"],
     }
     data_info = {"path": str(data_path), "split": split, "source": info.source}
-    rep = report(
-        result,
-        sanity=sanity,
-        protocol=protocol,
-        norm=norm,
-        eps=eps,
-        seed=seed,
-        model_info=model_info,
-        data_info=data_info,
-        seconds=time.perf_counter() - started,
-    )
+    seconds = time.perf_counter() - started
+    rep = report(result, sanity=sanity, model_info=model_info, data_info=data_info, seconds=seconds, **attack)
     label = f"{protocol}-{norm}-eps{eps:g}"
     out = Path(out_dir or Path("reports") / f"{resolved.name or 'model'}-v{resolved.version or 'local'}-{label}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "per_example.json").write_text(json.dumps(per_example(result)) + "\n")
-    if sanity:
-        plot_curve(sanity, out / "accuracy_vs_eps.png", norm=norm, eps=eps)
-    plot_examples(x, y, result, list(info.class_names), out / "examples.png")
-    rep["report_dir"] = str(out.resolve())
-    if resolved.run_id:
-        tracking.log_artifacts(resolved.tracking_uri, resolved.run_id, out, f"evaluation/{label}")
-    if resolved.name and resolved.version:
-        tracking.set_version_tags(
-            resolved.tracking_uri,
-            resolved.name,
-            resolved.version,
-            {
-                "eval.robust_acc": rep["robust_accuracy"],
-                "eval.clean_acc": rep["clean_accuracy"],
-                "eval.protocol": protocol,
-                "eval.norm": norm,
-                "eval.eps": eps,
-                "eval.num_examples": len(y),
-                "eval.split": split,
-                "eval.sanity": "skipped" if sanity is None else ("passed" if sanity["passed"] else "failed"),
-                "eval.weights_sha256": resolved.weights_sha256,
-                "eval.report": f"runs:/{resolved.run_id}/evaluation/{label}/report.json",
-            },
-        )
+    _write_report(rep, result, sanity, x, y, info, out, norm=norm, eps=eps)
+    _log_evidence(resolved, rep, out, label=label, split=split, attack=attack)
     return rep
 
 

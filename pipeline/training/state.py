@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.training.guard import CollapseGuard
 
 SCHEMA_VERSION = 1
 
@@ -54,25 +56,6 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])
-
-
-@dataclass
-class CollapseGuard:
-    """Catastrophic-overfitting guard (Wong et al. 2020): once a collapse fired, training goes on with
-    the fallback method and attack for the rest of the run; `events` records each one."""
-
-    fallback: bool = False
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def fire(self, event: dict[str, Any]) -> None:
-        self.fallback = True
-        self.events.append(event)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fallback": self.fallback, "events": list(self.events)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fallback, self.events = bool(state["fallback"]), list(state["events"])
 
 
 @dataclass

@@ -13,38 +13,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline import data as data_lib
-from pipeline import loop
-from pipeline.config import AttackConfig, Config, to_toml
-from pipeline.methods import Method, get_method, method_spec
+from pipeline.config import Config, to_toml
+from pipeline.methods import method_spec
 from pipeline.methods import replays as method_replays
 from pipeline.models import build_model
+from pipeline.training import steps
+from pipeline.training.guard import collapsed, fallback_training
+from pipeline.training.plan import EpochPlan, plan_epoch
 from pipeline.training.state import TrainState, WeightAverage
+from pipeline.training.validation import clean_and_robust_correct, predict
 from pipeline.training.world import Reporter, World
 
 log = logging.getLogger(__name__)
 
 PROBE_EXAMPLES = 128
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one epoch trains with: the method (built fresh, so free_at's perturbation restarts at zero
-    and a resumed or restored epoch trains exactly as it first did), its attack config, eps by step and
-    the AWP strength; `fallback` once the collapse guard fired."""
-
-    method_name: str
-    method: Method
-    attack: AttackConfig
-    eps_for_step: Any
-    awp_gamma: float
-    fallback: bool
 
 
 class Trainer:
@@ -59,15 +48,16 @@ class Trainer:
         objective_clean_weight: float = 0.0,
         to_worker_s: float | None = None,
         entered_unix: float | None = None,
+        on_step: Callable[[int, int, float, nn.Module], bool] | None = None,
     ) -> None:
+        """`on_step(epoch, step, seconds, network)` runs after every minibatch with its training time and
+        the unwrapped network; returning True ends the run after that epoch is validated and committed
+        (benchmarks that evaluate mid-epoch and stop at a target)."""
         self.entered = entered_unix or time.time()  # when this rank started: the base of time/worker_setup_s
         self.config, self.world, self.reporter, self.arch = config, world, reporter, architecture
         self.loader, self.objective_clean_weight, self.to_worker_s = loader, objective_clean_weight, to_worker_s
+        self.on_step, self.stop_requested = on_step, False
         self.guarded = config.method.co_guard and method_spec(config.method.name).adversarial
-        # What the run trains with once a collapse is caught (named in the event, used every later epoch).
-        self.fallback_method, self.fallback_attack = loop.fallback_training(
-            config.method.name, config.attack, min_steps=config.method.co_fallback_steps
-        )
 
     # ----------------------------------------------------------------------------- setup
 
@@ -93,10 +83,10 @@ class Trainer:
         # collapse for a while, and the restore is of the trained weights).
         decay = config.run.weight_average_decay
         average = WeightAverage(network, decay=decay) if decay > 0 else None
-        optimizer = loop.make_optimizer(self.model, config.optim)
+        optimizer = steps.make_optimizer(self.model, config.optim)
         self.steps_per_epoch = -(-(self.num_train // world.world_size) // config.data.batch_size)
         self.replays = method_replays(config.method.name, config.method.replays)
-        scheduler = loop.make_scheduler(
+        scheduler = steps.make_scheduler(
             optimizer, config.optim, total_epochs=config.run.epochs, steps_per_epoch=self.steps_per_epoch * self.replays
         )
         return TrainState(network, optimizer, scheduler, average=average)
@@ -113,8 +103,8 @@ class Trainer:
                 log.info("resuming from the checkpoint of epoch %d", state.epoch)
         # run.mixed_precision as this rank runs it: "auto" depends on this rank's device, which need not be
         # the driver's (a CPU head node, GPU workers).
-        bf16_native = loop.bf16_is_native(world.device)
-        self.precision = loop.training_precision(config.run.mixed_precision, bf16_native=bf16_native)
+        bf16_native = steps.bf16_is_native(world.device)
+        self.precision = steps.training_precision(config.run.mixed_precision, bf16_native=bf16_native)
         placement = world.all_gather_object((world.node_id(), self.precision))
         if world.rank != 0:
             return
@@ -141,18 +131,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- one epoch
 
     def _plan(self, state: TrainState, epoch: int) -> EpochPlan:
-        eps_for_step, attack = loop.epoch_schedule(self.config, epoch, steps_per_epoch=self.steps_per_epoch)
-        name = self.config.method.name
-        if state.guard.fallback:
-            name, attack = self.fallback_method, self.fallback_attack
-        return EpochPlan(
-            method_name=name,
-            method=get_method(name, self.config.method),
-            attack=attack,
-            eps_for_step=eps_for_step,
-            awp_gamma=loop.weight_perturbation_gamma(self.config.method, epoch),
-            fallback=state.guard.fallback,
-        )
+        return plan_epoch(self.config, epoch, steps_per_epoch=self.steps_per_epoch, fallback=state.guard.fallback)
 
     def _batches(self, epoch: int):
         config, world = self.config, self.world
@@ -160,7 +139,7 @@ class Trainer:
             indices = data_lib.shard_indices(
                 self.num_train, rank=world.rank, world_size=world.world_size, epoch=epoch, seed=config.run.seed
             )
-            return loop.tensor_batches(self.x_train, self.y_train, indices, config.data.batch_size)
+            return steps.tensor_batches(self.x_train, self.y_train, indices, config.data.batch_size)
         batches = world.streamed_batches(config.data.batch_size)
         assert batches is not None, f"data.loader '{self.loader}' needs a world that streams batches"
         return batches
@@ -172,22 +151,19 @@ class Trainer:
         seed = config.run.seed * 1_000_003 + epoch * 1009 + world.rank
         generator = torch.Generator(device=world.device).manual_seed(seed)
         torch.manual_seed(seed)
-        train = loop.train_epoch(
+        train = steps.train_epoch(
             self.model,
             state.model,
             self._batches(epoch),
+            plan,
             optimizer=state.optimizer,
             scheduler=state.scheduler,
-            method=plan.method,
-            attack=plan.attack,
-            eps_for_step=plan.eps_for_step,
-            attack_mode=config.method.attack_mode,
             device=world.device,
             generator=generator,
-            replays=self.replays,
-            mixed_precision=self.precision,
-            augment=config.data.augment,
-            awp_gamma=plan.awp_gamma,
+            precision=self.precision,
+            on_step=None
+            if self.on_step is None
+            else lambda step, seconds: self._step_hook(state, epoch, step, seconds),
             after_optimizer_step=None if state.average is None else lambda: state.average.update(state.model),
         )
         val_started = time.perf_counter()
@@ -196,7 +172,7 @@ class Trainer:
         if world.rank == 0:
             # Catastrophic-overfitting probe (Wong et al. 2020): PGD-10 accuracy on a fixed validation
             # batch with a fixed seed; a sudden collapse here while train accuracy climbs is the sign.
-            probe = loop.clean_and_robust_correct(
+            probe = clean_and_robust_correct(
                 state.model,
                 self.x_probe,
                 self.y_probe,
@@ -218,9 +194,13 @@ class Trainer:
         sums = dict(zip(keys, world.all_reduce_sum(values), strict=True))
         return {**sums, "eps": train["eps"], "lr": train["lr"], "train_s": train["seconds"], "val_s": val_seconds}
 
+    def _step_hook(self, state: TrainState, epoch: int, step: int, seconds: float) -> bool:
+        self.stop_requested = bool(self.on_step(epoch, step, seconds, state.model))
+        return self.stop_requested
+
     def _robust_counts(self, model: nn.Module, x, y, generator) -> dict[str, float]:
         config = self.config
-        return loop.clean_and_robust_correct(
+        return clean_and_robust_correct(
             model,
             x,
             y,
@@ -266,14 +246,18 @@ class Trainer:
             return False
         probe_acc = metrics["val/probe_pgd_acc"]
         best_probe = max((row["metrics"].get("val/probe_pgd_acc", 0.0) for row in state.history), default=0.0)
-        if not loop.collapsed(probe_acc, best_probe, drop=self.config.method.co_drop):
+        if not collapsed(probe_acc, best_probe, drop=self.config.method.co_drop):
             return False
+        method = self.config.method
+        fallback_method, fallback_attack = fallback_training(
+            method.name, self.config.attack, min_steps=method.co_fallback_steps
+        )
         event = {
             "epoch": epoch,
             "probe_pgd_acc": probe_acc,
             "best_probe_pgd_acc": best_probe,
             "restored_epoch": epoch - 1,
-            "fallback": f"{self.fallback_method} with PGD-{self.fallback_attack.num_steps}",
+            "fallback": f"{fallback_method} with PGD-{fallback_attack.num_steps}",
         }
         state.guard.fire(event)
         state.restore(last_good)
@@ -346,6 +330,8 @@ class Trainer:
             last_good = state.snapshot(full=self.guarded)
             state.best.offer(epoch, metrics["val/robust_acc"], state.shipped_weights(last_good))
             self._commit(state, epoch, metrics)
+            if self.stop_requested:
+                break
             epoch += 1
         keep_best = self.config.run.keep_best and state.best.weights is not None
         if keep_best:
@@ -367,7 +353,7 @@ class Trainer:
         test = self._robust_counts(model, x_test[:n_robust], y_test[:n_robust], generator)
         model.eval()
         # Clean accuracy on the whole test split with the same function a loaded model is checked with.
-        predictions = loop.predict(model, x_test, batch_size=config.validation.batch_size, device=device)
+        predictions = predict(model, x_test, batch_size=config.validation.batch_size, device=device)
         test_metrics = {
             "test/clean_acc": float((predictions == y_test).float().mean()),
             "test/robust_acc": test["robust_correct"] / max(test["count"], 1),

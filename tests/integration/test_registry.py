@@ -159,7 +159,7 @@ import json, torch
 torch.set_num_threads(1)
 from pipeline.tracking.registry import load_model
 from pipeline.data import load_split
-from pipeline.loop import predict
+from pipeline.training.validation import predict
 model = load_model("models:/promo@champion")
 x, y = load_split({str(digits_path)!r}, "test", max_examples=60)
 pred = predict(model, x, batch_size=64, device=torch.device("cpu"))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pipeline.config import to_toml
-from pipeline.loop import bf16_is_native
 from pipeline.orchestrate.train import run_training
 from pipeline.tracking.runs import client_for
+from pipeline.training.steps import bf16_is_native
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(
 import sys, json, torch, mlflow.pyfunc
 from pipeline.tracking.runs import load_model
 from pipeline.data import load_split
-from pipeline.loop import predict
+from pipeline.training.validation import predict
 model = load_model("models:/digits-it/{adversarial.model_version}")
 x, y = load_split({str(digits_path)!r}, "test")
 pred = predict(model, x, batch_size=256, device=torch.device("cpu"))

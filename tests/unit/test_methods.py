@@ -101,7 +101,8 @@ def test_free_at_perturbation_persists_across_replays_and_batches(batch):
 
 def test_free_at_replays_each_minibatch_m_times():
     from pipeline.config import Config
-    from pipeline.loop import make_optimizer, train_epoch
+    from pipeline.training.plan import EpochPlan
+    from pipeline.training.steps import make_optimizer, train_epoch
 
     model = _model()
     g = torch.Generator().manual_seed(0)
@@ -112,21 +113,25 @@ def test_free_at_replays_each_minibatch_m_times():
         model,
         model,
         batches,
+        EpochPlan(
+            "free_at",
+            get_method("free_at"),
+            attack=AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.0),
+            eps_for_step=lambda step: 0.1,
+            attack_mode="eval",
+            replays=4,
+        ),
         optimizer=optimizer,
         scheduler=scheduler,
-        method=get_method("free_at"),
-        attack=AttackConfig(name="fgsm", eps=0.1, num_steps=1, step_size_factor=1.0),
-        eps_for_step=lambda step: 0.1,
-        attack_mode="eval",
         device=torch.device("cpu"),
-        replays=4,
     )
     assert scheduler.last_epoch == 12 and stats["count"] == 3 * 8 * 4
 
 
 def test_bf16_autocast_trains_with_fp32_weights(batch):
     from pipeline.config import Config
-    from pipeline.loop import make_optimizer, train_epoch
+    from pipeline.training.plan import EpochPlan
+    from pipeline.training.steps import make_optimizer, train_epoch
 
     x, y = batch
     model = _model()
@@ -137,14 +142,17 @@ def test_bf16_autocast_trains_with_fp32_weights(batch):
         model,
         model,
         [(x, y)],
+        EpochPlan(
+            "pgd_at",
+            get_method("pgd_at"),
+            attack=AttackConfig(eps=0.2, num_steps=2),
+            eps_for_step=lambda step: 0.2,
+            attack_mode="eval",
+        ),
         optimizer=optimizer,
         scheduler=scheduler,
-        method=get_method("pgd_at"),
-        attack=AttackConfig(eps=0.2, num_steps=2),
-        eps_for_step=lambda step: 0.2,
-        attack_mode="eval",
         device=torch.device("cpu"),
-        mixed_precision="bf16",
+        precision="bf16",
     )
     assert stats["loss_sum"] > 0 and all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -153,7 +161,7 @@ def test_bf16_autocast_trains_with_fp32_weights(batch):
 
 
 def test_auto_precision_is_bf16_only_where_bf16_is_native():
-    from pipeline.loop import training_precision
+    from pipeline.training.steps import training_precision
 
     assert training_precision("auto", bf16_native=True) == "bf16"
     assert training_precision("auto", bf16_native=False) == "none"
@@ -165,7 +173,7 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native():
 
 
 def test_bf16_is_native_on_this_cpu_exactly_when_the_kernel_reports_bf16_hardware():
-    from pipeline.loop import bf16_is_native
+    from pipeline.training.steps import bf16_is_native
 
     # The kernel's view of the CPU, independent of torch's cpuinfo probes.
     flags = set()
@@ -180,7 +188,8 @@ def test_bf16_is_native_on_this_cpu_exactly_when_the_kernel_reports_bf16_hardwar
 
 def test_train_epoch_refuses_an_unresolved_precision(batch):
     from pipeline.config import Config
-    from pipeline.loop import make_optimizer, train_epoch
+    from pipeline.training.plan import EpochPlan
+    from pipeline.training.steps import make_optimizer, train_epoch
 
     model = _model()
     optimizer = make_optimizer(model, Config().optim)
@@ -189,14 +198,17 @@ def test_train_epoch_refuses_an_unresolved_precision(batch):
             model,
             model,
             [batch],
+            EpochPlan(
+                "pgd_at",
+                get_method("pgd_at"),
+                attack=AttackConfig(eps=0.2, num_steps=2),
+                eps_for_step=lambda step: 0.2,
+                attack_mode="eval",
+            ),
             optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-            method=get_method("pgd_at"),
-            attack=AttackConfig(eps=0.2, num_steps=2),
-            eps_for_step=lambda step: 0.2,
-            attack_mode="eval",
             device=torch.device("cpu"),
-            mixed_precision="auto",
+            precision="auto",
         )
 
 
@@ -221,7 +233,7 @@ def test_bf16_loss_matches_fp32_when_a_wrong_class_is_confident(name):
 
 
 def test_catastrophic_overfitting_rule_and_fallback():
-    from pipeline.loop import collapsed, fallback_attack, fallback_training
+    from pipeline.training.guard import collapsed, fallback_attack, fallback_training
 
     assert collapsed(0.05, 0.60, drop=0.2) and not collapsed(0.45, 0.60, drop=0.2)
     assert not collapsed(0.0, 0.1, drop=0.2), "no collapse below a robust accuracy never reached"
@@ -237,50 +249,3 @@ def test_catastrophic_overfitting_rule_and_fallback():
     name, after = fallback_training("mart", pgd3, min_steps=2)
     assert (name, after.num_steps, after.step_size_factor, after.random_start) == ("mart", 6, 2.5, True)
     assert fallback_training("trades", pgd3, min_steps=8)[1].num_steps == 8
-
-
-def test_fit_plain_reports_every_step_and_stops_when_asked():
-    from pipeline.config import config_from_dict
-    from pipeline.loop import fit_plain
-
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
-    config = config_from_dict({"run": {"epochs": 3}, "data": {"batch_size": 8}, "method": {"name": "standard"}})
-    seen: list[tuple[int, int]] = []
-
-    def after_step(epoch: int, step: int, seconds: float) -> bool:
-        assert seconds > 0
-        seen.append((epoch, step))
-        return (epoch, step) == (2, 1)  # stop in the middle of epoch 2
-
-    stats = fit_plain(_model(), x, y, config=config, on_step=after_step)
-    assert seen == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 0), (2, 1)]
-    assert [s["count"] for s in stats] == [40, 16]
-
-
-def test_fit_plain_leaves_the_weight_average_in_the_model():
-    from pipeline.config import config_from_dict
-    from pipeline.loop import fit_plain
-
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
-    config = config_from_dict(
-        {"run": {"epochs": 2, "weight_average_decay": 0.5}, "data": {"batch_size": 8}, "method": {"name": "standard"}}
-    )
-    model = _model()
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
-    trained: list[dict[str, torch.Tensor]] = []
-
-    def after_step(epoch: int, step: int, seconds: float) -> bool:
-        trained.append({k: v.clone() for k, v in model.state_dict().items()})
-        return False
-
-    fit_plain(model, x, y, config=config, on_step=after_step)
-    assert len(trained) == 10  # one optimizer step per minibatch: 5 per epoch
-    for n, weights in enumerate(trained):
-        d = min(0.5, (1 + n) / (10 + n))  # the warm-up gives way to the decay at n = 8
-        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
-    final = model.state_dict()
-    for k in expected:
-        torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(final["1.classifier.5.weight"], trained[-1]["1.classifier.5.weight"])

@@ -174,7 +174,7 @@ def test_schedule_config_is_validated():
 
 def test_epoch_schedule_applies_steps_ramp():
     from pipeline.config import config_from_dict
-    from pipeline.loop import epoch_schedule
+    from pipeline.training.plan import epoch_schedule
 
     config = config_from_dict(
         {
@@ -190,7 +190,7 @@ def test_epoch_schedule_applies_steps_ramp():
 
 def test_eps_train_factor_scales_training_eps_only():
     from pipeline.config import ConfigError, config_from_dict
-    from pipeline.loop import epoch_schedule
+    from pipeline.training.plan import epoch_schedule
 
     config = config_from_dict({"attack": {"eps": 0.1}, "schedule": {"eps_ramp_epochs": 2, "eps_train_factor": 1.2}})
     eps_for_step, _ = epoch_schedule(config, 1, steps_per_epoch=10)
@@ -204,7 +204,7 @@ def test_eps_train_factor_scales_training_eps_only():
 
 
 def test_crop_flip_shifts_and_flips_within_the_padding():
-    from pipeline.loop import crop_flip
+    from pipeline.training.steps import crop_flip
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
     out = crop_flip(x, torch.Generator().manual_seed(0))

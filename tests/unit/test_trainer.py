@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import load_config
 from pipeline.data import read_metadata
-from pipeline.models import architecture
+from pipeline.models import architecture, build_model
 from pipeline.training import SCHEMA_VERSION, InMemoryReporter, LocalWorld, Trainer, TrainState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +96,46 @@ def test_the_weight_average_is_validated_checkpointed_and_shipped(digits_path):
     shipped = reporter.model.state_dict()
     assert all(torch.equal(shipped[k], state["average"]["model"][k]) for k in shipped)
     assert not all(torch.equal(shipped[k], state["model"][k]) for k in shipped)
+
+
+def test_on_step_sees_every_step_and_stops_the_run_after_that_epoch(digits_path):
+    config = _config(digits_path, "data.batch_size=512", "run.keep_best=false")
+    steps_per_epoch = -(-read_metadata(config.data.path).num_rows("train") // 512)
+    seen: list[tuple[int, int]] = []
+
+    def after_step(epoch: int, step: int, seconds: float, network: torch.nn.Module) -> bool:
+        assert seconds > 0 and network.training
+        seen.append((epoch, step))
+        return (epoch, step) == (2, 1)  # stop in the middle of epoch 2
+
+    reporter = InMemoryReporter()
+    Trainer(config, LocalWorld(), reporter, architecture=_arch(config), on_step=after_step).run()
+    assert seen == [(1, s) for s in range(steps_per_epoch)] + [(2, 0), (2, 1)]
+    # The cut epoch is still validated, committed and reported; no later epoch runs.
+    assert sorted(reporter.metrics) == [1, 2] and reporter.final["registered_epoch"] == 2
+
+
+def test_the_shipped_weight_average_is_the_warmed_up_ema_of_every_step(digits_path):
+    config = _config(
+        digits_path, "data.batch_size=512", "run.epochs=2", "run.weight_average_decay=0.5", "run.keep_best=false"
+    )
+    trained: list[dict[str, torch.Tensor]] = []
+
+    def after_step(epoch: int, step: int, seconds: float, network: torch.nn.Module) -> bool:
+        trained.append({k: v.detach().clone() for k, v in network.state_dict().items()})
+        return False
+
+    torch.manual_seed(config.run.seed)
+    expected = {k: v.clone() for k, v in build_model(_arch(config)).state_dict().items()}  # the initial weights
+    reporter = InMemoryReporter()
+    Trainer(config, LocalWorld(), reporter, architecture=_arch(config), on_step=after_step).run()
+    for n, weights in enumerate(trained):  # one optimizer step per minibatch
+        d = min(0.5, (1 + n) / (10 + n))  # the warm-up gives way to the decay at n = 8
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    final = reporter.model.state_dict()
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(final[k], trained[-1][k]) for k in final)
 
 
 def test_a_collapse_restores_the_last_good_epoch_and_falls_back(digits_path):

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AttackConfig, Config, MethodConfig, ModelConfig, load_config
-from pipeline.loop import make_optimizer, perturb_weights, restore_weights, train_epoch, weight_perturbation_gamma
 from pipeline.methods import METHODS, get_method
 from pipeline.models import architecture, build_model
+from pipeline.training.perturbation import perturb_weights, restore_weights, weight_perturbation_gamma
+from pipeline.training.plan import EpochPlan
+from pipeline.training.steps import make_optimizer, train_epoch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,16 +106,19 @@ def _one_step(batch, *, awp_gamma, lr, precision="none"):
         model,
         model,
         [batch],
+        EpochPlan(
+            "pgd_at",
+            get_method("pgd_at"),
+            attack=AttackConfig(eps=0.2, num_steps=2),
+            eps_for_step=lambda step: 0.2,
+            attack_mode="eval",
+            awp_gamma=awp_gamma,
+        ),
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        method=get_method("pgd_at"),
-        attack=AttackConfig(eps=0.2, num_steps=2),
-        eps_for_step=lambda step: 0.2,
-        attack_mode="eval",
         device=torch.device("cpu"),
         generator=torch.Generator().manual_seed(3),
-        awp_gamma=awp_gamma,
-        mixed_precision=precision,
+        precision=precision,
     )
     return model, stats
 
@@ -165,15 +170,18 @@ def _ddp_rank(rank: int, world_size: int, init_file: str, results: dict) -> None
             model,
             model.module,
             batches,
+            EpochPlan(
+                "trades",
+                get_method("trades"),
+                attack=AttackConfig(eps=0.2, num_steps=2),
+                eps_for_step=lambda step: 0.2,
+                attack_mode="eval",
+                awp_gamma=0.05,
+            ),
             optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-            method=get_method("trades"),
-            attack=AttackConfig(eps=0.2, num_steps=2),
-            eps_for_step=lambda step: 0.2,
-            attack_mode="eval",
             device=torch.device("cpu"),
             generator=g,
-            awp_gamma=0.05,
         )
         results[rank] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
     finally:
