@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint format install clean
+.PHONY: demo test test-unit lint format docs install clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ test: lint
 # The inner loop: in-process tests only (no Ray, no MLflow server).
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+
+# docs/configuration.md, generated from the config models' field descriptions (tests/unit/test_config_docs.py
+# fails while it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.config_docs
 
 format: $(STAMP)
 	$(BIN)/ruff format .

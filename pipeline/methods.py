@@ -6,7 +6,7 @@ method states the BatchNorm mode for attack generation (`attack_mode`) and puts 
 train mode for the loss.
 
 Every method but free_at takes `perturb_weights`: a callable the training loop passes for adversarial
-weight perturbation (`pipeline/loop.py: perturb_weights`, Wu et al. 2020). The method hands it its own
+weight perturbation (`pipeline/training/perturbation.py: perturb_weights`, Wu et al. 2020). The method hands it its own
 loss on the examples it just generated, computed on `attack_model`; the callable moves the weights, and
 the loss the method returns is then computed at the moved weights.
 """

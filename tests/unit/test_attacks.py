@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import loop
 from pipeline.attacks import ATTACKS, fgsm, get_attack, pgd
 from pipeline.config import ModelConfig
 from pipeline.data import load_split
 from pipeline.models import architecture, build_model
+from pipeline.training.validation import clean_and_robust_correct, predict
 
 
 def _tiny_model(in_channels=1, side=8):
@@ -83,8 +83,8 @@ def test_no_parameter_gradients_and_mode_unchanged(mode, batch):
 
 def test_pgd_breaks_undefended_model_on_digits(digits_path, undefended):
     x, y = load_split(digits_path, "test")
-    clean = (loop.predict(undefended, x, batch_size=256, device=torch.device("cpu")) == y).float().mean()
-    counts = loop.clean_and_robust_correct(
+    clean = (predict(undefended, x, batch_size=256, device=torch.device("cpu")) == y).float().mean()
+    counts = clean_and_robust_correct(
         undefended,
         x,
         y,

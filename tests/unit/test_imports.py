@@ -3,7 +3,20 @@
 import subprocess
 import sys
 
-CORE = ["config", "data", "models", "attacks", "methods", "schedules", "loop", "training", "evaluate", "sanity", "cli"]
+CORE = [
+    "config",
+    "data",
+    "models",
+    "attacks",
+    "methods",
+    "schedules",
+    "training",
+    "evaluate",
+    "sanity",
+    "search",
+    "cli",
+    "config_docs",
+]
 
 
 def test_core_modules_do_not_import_ray_or_mlflow(tmp_path):
