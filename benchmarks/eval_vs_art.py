@@ -37,7 +37,7 @@ def main() -> None:
     from pipeline.config import config_from_dict
     from pipeline.data import load_split, prepare_digits
     from pipeline.evaluate import evaluate_examples
-    from pipeline.tracking.runs import load_model
+    from pipeline.tracking.model_store import load_model
     from pipeline.training import fit_in_process
 
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "digits"

@@ -50,9 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline import tracking
     from pipeline.data import load_split
     from pipeline.evaluate import evaluate_examples, wilson_interval
+    from pipeline.tracking import model_store
+    from pipeline.tracking import runs as tracking
     from pipeline.training.validation import pgd20_correct, predict
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri, cwd=ROOT)
@@ -69,7 +70,7 @@ def main() -> None:
         run = client.get_run(run_id)
         params = run.data.params
         eps = float(params["attack.eps"])
-        model = tracking.load_model(f"runs:/{run_id}/model", tracking_uri=uri).eval()
+        model = model_store.load_model(f"runs:/{run_id}/model", tracking_uri=uri).eval()
         started = time.perf_counter()
         row = {
             "run": name,

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from pipeline.data.sources import SOURCES
+from pipeline.evaluate import PROTOCOLS
 
 app = typer.Typer(
     help="advtrain: distributed adversarial training on Ray, tracked in MLflow.",
@@ -110,8 +111,9 @@ def train(
     except ConfigError as err:
         _fail(str(err))
     from pipeline.orchestrate import train as train_lib
+    from pipeline.orchestrate.cluster import init_ray
 
-    train_lib.init_ray(ray_address, num_cpus=num_cpus)
+    init_ray(ray_address, num_cpus=num_cpus)
     try:
         summary = train_lib.run_training(cfg, config_name=config.stem, resume=resume)
     except (ConfigError, DataError, TrackingError) as err:
@@ -180,9 +182,9 @@ def tune_cmd(
         spec = tune_lib.load_search(search, cfg, num_samples=num_samples)
     except ConfigError as err:
         _fail(str(err))
-    from pipeline.orchestrate import train as train_lib
+    from pipeline.orchestrate.cluster import init_ray
 
-    train_lib.init_ray(ray_address, num_cpus=num_cpus)
+    init_ray(ray_address, num_cpus=num_cpus)
     try:
         summary = tune_lib.run_search(cfg, spec, name=name, resume=resume, config_name=f"{config.stem}-search")
     except (ConfigError, DataError, TrackingError) as err:
@@ -199,10 +201,8 @@ def tune_cmd(
         typer.echo(f"  registered     {cfg.tracking.registered_model} version {summary.registered_version}")
 
 
-class Protocol(StrEnum):
-    fast = "fast"
-    standard = "standard"
-    pgd = "pgd"
+# The CLI's choices are the registry's names: a protocol added to PROTOCOLS is an option here.
+Protocol = StrEnum("Protocol", {name: name for name in PROTOCOLS})
 
 
 class NormChoice(StrEnum):
@@ -236,11 +236,11 @@ def evaluate(
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from pipeline.data import DataError
-    from pipeline.orchestrate import train as train_lib
+    from pipeline.orchestrate.cluster import init_ray
     from pipeline.orchestrate.evaluation import run_evaluation
     from pipeline.tracking.runs import TrackingError
 
-    train_lib.init_ray(ray_address)
+    init_ray(ray_address)
     try:
         rep = run_evaluation(
             model,
@@ -255,10 +255,15 @@ def evaluate(
         )
     except (ValueError, DataError, TrackingError) as err:
         _fail(str(err))
+    typer.echo(_evaluation_summary(model, rep))
+
+
+def _evaluation_summary(model: str, rep: dict) -> str:
+    """The report's headline numbers, each attack's and each sanity check's, and the verdict."""
     low, high = rep["robust_accuracy_ci95"]
     lines = [
         "",
-        f"{model}: {rep['threat_model']['norm']} eps={rep['threat_model']['eps']}, protocol {protocol.value}, "
+        f"{model}: {rep['threat_model']['norm']} eps={rep['threat_model']['eps']}, protocol {rep['protocol']['name']}, "
         f"{rep['protocol']['num_examples']} examples, {rep['seconds']['total']:.0f}s",
         f"  clean accuracy   {rep['clean_accuracy']:.4f}",
         f"  robust accuracy  {rep['robust_accuracy']:.4f}  (95% CI {low:.4f}-{high:.4f})",
@@ -271,7 +276,7 @@ def evaluate(
             f"  verdict          {'SUSPECT (a sanity check failed)' if rep['suspect'] else 'all sanity checks passed'}"
         )
     lines.append(f"  report           {rep['report_dir']}")
-    typer.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 @models_app.command("list")
@@ -377,7 +382,7 @@ def promote(
 
 
 def _evaluate_if_missing(name: str, version: str, protocol: str) -> None:
-    from pipeline.orchestrate import train as train_lib
+    from pipeline.orchestrate.cluster import init_ray
     from pipeline.orchestrate.evaluation import run_evaluation
     from pipeline.tracking import registry
 
@@ -386,7 +391,7 @@ def _evaluate_if_missing(name: str, version: str, protocol: str) -> None:
     if row["tags"].get("eval.protocol") == protocol and "eval.robust_acc" in row["tags"]:
         return
     typer.echo(f"no {protocol} evaluation on record for {ref}: evaluating first")
-    train_lib.init_ray(None)
+    init_ray(None)
     run_evaluation(f"models:/{name}/{row['version']}", protocol=protocol)
 
 

@@ -207,5 +207,5 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     # small_cnn PGD-3 training steps 1.21x faster, Square's forward passes 1.56x, preact_resnet18
     # steps 1.01x (benchmarks/memory_format.py, RESULTS.md).
     # Values are unchanged (same maths, another summation order); `.to(device)` keeps the format,
-    # and saved weights are made contiguous (tracking.save_weights).
+    # and saved weights are made contiguous (model_store.save_weights).
     return model.to(memory_format=torch.channels_last)

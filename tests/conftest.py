@@ -162,7 +162,7 @@ def undefended(digits_path):
 @pytest.fixture(scope="session")
 def adversarially_trained(digits_path, tmp_path_factory):
     """PGD-AT small_cnn on digits (Linf eps=0.2), saved as a model folder; (model, folder)."""
-    from pipeline.tracking.runs import save_weights
+    from pipeline.tracking.model_store import save_weights
 
     model, arch = train_in_process(digits_path, method="pgd_at", epochs=25)
     folder = tmp_path_factory.mktemp("at-model")

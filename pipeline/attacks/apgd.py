@@ -58,7 +58,11 @@ def _apgd_once(
     rho: float,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One run; returns (x_fooling, fooled): for each example a misclassified iterate if one was seen."""
+    """One run; returns (x_fooling, fooled): for each example a misclassified iterate if one was seen.
+
+    Longer than the house's ~60 lines on purpose: it is Algorithm 1 of Croce & Hein 2020 in one loop
+    (momentum step, checkpoint test, step-size halving, restart from the best point), each line beside
+    the paper's; split into helpers it would pass a dozen tensors of state back and forth per step."""
     n = x.shape[0]
     if norm == "linf":
         t = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1

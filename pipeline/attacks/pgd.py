@@ -103,7 +103,8 @@ def pgd(
     loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Projected gradient descent (Madry et al. 2018, arXiv:1706.06083).
+    """Projected gradient descent (Madry et al. 2018, arXiv:1706.06083). (Its ~60 lines are the
+    docstring and the restart bookkeeping; the iteration itself is `_pgd_once`.)
 
     `loss`: "ce" (cross-entropy), "cw" (the Carlini & Wagner margin, max_{i!=y} z_i - z_y, which does
     not saturate when the softmax does), or a per-example function (logits, y) -> (N,) to maximise.

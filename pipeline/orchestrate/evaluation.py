@@ -32,6 +32,7 @@ from pipeline.evaluate import (
 )
 from pipeline.models import build_model
 from pipeline.sanity import sanity_checks
+from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def run_evaluation(
     started = time.perf_counter()
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")
-    resolved = tracking.resolve_model(model_uri, tracking_uri=tracking_uri)
+    resolved = model_store.resolve_model(model_uri, tracking_uri=tracking_uri)
     params = tracking.run_params(resolved.tracking_uri, resolved.run_id) if resolved.run_id else {}
     data_path = data_path or params.get("data.path")
     if not data_path:

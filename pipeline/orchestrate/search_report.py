@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import Config, config_from_dict, to_toml
 from pipeline.search import Search
+from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def _register_best(summary: SearchSummary, original: Config, uri: str) -> int | 
         "trial_id": best.trial_id,
         **{f"search.{k}": v for k, v in best.params.items()},
     }
-    return tracking.register_run_model(
+    return model_store.register_run_model(
         uri,
         best.mlflow_run_id,
         registered_model=original.tracking.registered_model,

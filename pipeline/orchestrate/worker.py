@@ -18,6 +18,7 @@ from ray.train import Checkpoint
 
 from pipeline import data as data_lib
 from pipeline.config import Config
+from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
 from pipeline.training import LocalWorld, Trainer
 from pipeline.training.world import STATE_FILE
@@ -109,7 +110,7 @@ class MLflowReporter:
         registered_metrics = {"registered/epoch": float(registered_epoch)}
         registered_metrics["registered/val_robust_acc"] = chosen["val/robust_acc"]
         self.log_epoch({**test, **registered_metrics}, epoch=config.run.epochs)
-        registered = tracking.log_and_register_model(
+        registered = model_store.log_and_register_model(
             self.uri,
             self.run_id,
             model=model,

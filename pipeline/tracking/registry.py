@@ -4,8 +4,9 @@ A version becomes `champion` only through `promote`, which checks every gate and
 evaluation evidence exists (from `advtrain evaluate`, the policy's protocol, the same threat model); the
 evidence's weights sha256 equals the sha256 of the weights stored now; the sanity checks passed; robust
 accuracy >= the current champion's + margin (same protocol and threat model, else no comparison);
-clean accuracy >= floor. Passing moves `champion`, gives the old one `previous-champion`, and records
-the promotion (who, when, gates, numbers) as version tags and in the registered model's history.
+clean accuracy >= floor (the gates and the policy live in pipeline.tracking.gates). Passing moves
+`champion`, gives the old one `previous-champion`, and records the promotion (who, when, gates,
+numbers) as version tags and in the registered model's history.
 
 Promotions and rollbacks of one registered model are serialised by a lock that lives in the registry
 itself: creating the registered model `<name>.promotion-lock` succeeds for exactly one process (the
@@ -15,20 +16,25 @@ crashed holder) is broken. Talks to MLflow through pipeline.tracking.runs's clie
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import socket
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+    ErrorCode,
+)
 
-from pipeline.tracking import runs as tracking
-from pipeline.tracking.runs import TrackingError, client_for, load_model, resolve_tracking_uri
+from pipeline.tracking.gates import Gate, PromotionPolicy, check_gates, load_policy
+from pipeline.tracking.model_store import load_model
+from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
 __all__ = ["PromotionPolicy", "list_versions", "load_model", "load_policy", "promote", "rollback", "show"]
 
@@ -38,35 +44,16 @@ HISTORY_TAG = "advtrain.champion_history"
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_STALE_S = 600.0
 
-
-class PromotionPolicy(BaseModel):
-    """Gate thresholds (a TOML file with these keys; see jobs/configs/promotion.toml)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-    protocol: str = Field(default="standard", description="Evidence must come from this evaluation protocol.")
-    margin: float = Field(default=0.0, ge=0.0, le=1.0, description="Robust accuracy must beat the champion's by this.")
-    clean_floor: float = Field(default=0.5, ge=0.0, le=1.0, description="Minimum clean accuracy.")
-    require_sanity: bool = True
-    min_examples: int = Field(default=100, ge=1, description="Evidence must cover at least this many examples.")
+# How MLflow 3.17 says "there is no such thing" (its SQL store; `mlflow server` passes the same codes on
+# as RestException): a missing registered model or version is RESOURCE_DOES_NOT_EXIST; a missing alias,
+# and a model or alias name nothing can have (empty, '/', ':'), is INVALID_PARAMETER_VALUE. Every other
+# error (server unreachable, 401/403, a broken store) is re-raised, never reported as "not found".
+_NO_SUCH_NAME = (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE)
+_NOT_FOUND = (RESOURCE_DOES_NOT_EXIST,)
 
 
-def load_policy(path: str | Path | None) -> PromotionPolicy:
-    if path is None:
-        return PromotionPolicy()
-    path = Path(path)
-    if not path.is_file():
-        raise TrackingError(f"promotion policy '{path}' not found")
-    try:
-        return PromotionPolicy.model_validate(tomllib.loads(path.read_text()))
-    except (tomllib.TOMLDecodeError, ValidationError) as err:
-        raise TrackingError(f"{path}: invalid promotion policy: {err}") from None
-
-
-@dataclass
-class Gate:
-    name: str
-    passed: bool
-    detail: str
+def _code_in(err: MlflowException, codes: tuple[int, ...]) -> bool:
+    return err.error_code in {ErrorCode.Name(code) for code in codes}
 
 
 @dataclass
@@ -143,7 +130,9 @@ def show(ref: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
 def _registered(client, name: str):
     try:
         return client.get_registered_model(name)
-    except Exception:  # MlflowException, without importing mlflow here
+    except MlflowException as err:
+        if not _code_in(err, _NO_SUCH_NAME):
+            raise
         raise TrackingError(f"no registered model named '{name}'; `advtrain models list` shows them") from None
 
 
@@ -153,7 +142,9 @@ def _resolve_version(client, ref: str):
         _registered(client, name)
         try:
             return name, client.get_model_version_by_alias(name, alias)
-        except Exception:
+        except MlflowException as err:
+            if not _code_in(err, _NO_SUCH_NAME):
+                raise
             aliases = sorted(client.get_registered_model(name).aliases)
             raise TrackingError(f"'{name}' has no alias '{alias}' (aliases: {aliases or 'none'})") from None
     name, _, version = ref.partition("/")
@@ -162,105 +153,29 @@ def _resolve_version(client, ref: str):
         raise TrackingError(f"'{ref}': the version must be a number (or use NAME@ALIAS)")
     try:
         return name, client.get_model_version(name, version)
-    except Exception:
+    except MlflowException as err:
+        if not _code_in(err, _NOT_FOUND):
+            raise
         raise TrackingError(f"registered model '{name}' has no version {version}") from None
 
 
-# --------------------------------------------------------------------------- gates
-
-
-def check_gates(uri: str, client, name: str, version, champion, policy: PromotionPolicy) -> list[Gate]:
-    tags = version.tags
-    gates: list[Gate] = []
-    evidence = "eval.robust_acc" in tags and "eval.weights_sha256" in tags
-    protocol_ok = tags.get("eval.protocol") == policy.protocol
-    n = int(tags.get("eval.num_examples", "0") or 0)
-    train_threat = (tags.get("threat_model.norm"), tags.get("threat_model.eps"))
-    eval_threat = (tags.get("eval.norm"), tags.get("eval.eps"))
-    same_threat = _same_threat(train_threat, eval_threat)
-    gates.append(
-        Gate(
-            "evidence",
-            evidence and protocol_ok and n >= policy.min_examples and same_threat,
-            (
-                "no evaluation on record: run `advtrain evaluate --model models:/"
-                f"{name}/{version.version} --protocol {policy.protocol}`"
-            )
-            if not evidence
-            else (
-                f"protocol {tags.get('eval.protocol')} (policy: {policy.protocol}), {n} examples "
-                f"(policy: >= {policy.min_examples}), evaluated at {eval_threat[0]} eps={eval_threat[1]} "
-                f"(trained for {train_threat[0]} eps={train_threat[1]})"
-            ),
-        )
-    )
-    if evidence:
-        stored = tracking.stored_weights_sha256(uri, name, str(version.version))
-        gates.append(
-            Gate(
-                "weights_match_evidence",
-                stored == tags["eval.weights_sha256"] == tags.get("weights_sha256", stored),
-                f"stored weights sha256 {stored[:16]}..., evaluated {tags['eval.weights_sha256'][:16]}..., "
-                f"registered {tags.get('weights_sha256', '?')[:16]}...",
-            )
-        )
-        sanity = tags.get("eval.sanity", "missing")
-        gates.append(
-            Gate(
-                "sanity_checks",
-                sanity == "passed" or not policy.require_sanity,
-                f"sanity checks {sanity}" + ("" if policy.require_sanity else " (not required by policy)"),
-            )
-        )
-        robust = float(tags["eval.robust_acc"])
-        if champion is None:
-            gates.append(Gate("beats_champion", True, f"robust accuracy {robust:.4f}; no current champion"))
-        elif str(champion.version) == str(version.version):
-            gates.append(Gate("beats_champion", False, f"version {version.version} is already the champion"))
-        else:
-            ct = champion.tags
-            comparable = ct.get("eval.protocol") == tags.get("eval.protocol") and _same_threat(
-                (ct.get("eval.norm"), ct.get("eval.eps")), eval_threat
-            )
-            if not comparable:
-                gates.append(
-                    Gate(
-                        "beats_champion",
-                        False,
-                        f"not comparable: champion v{champion.version} was evaluated with protocol "
-                        f"{ct.get('eval.protocol')} at {ct.get('eval.norm')} eps={ct.get('eval.eps')}, this one "
-                        f"with {tags.get('eval.protocol')} at {eval_threat[0]} eps={eval_threat[1]}",
-                    )
-                )
-            else:
-                best = float(ct["eval.robust_acc"])
-                gates.append(
-                    Gate(
-                        "beats_champion",
-                        robust >= best + policy.margin,
-                        f"robust accuracy {robust:.4f} vs champion v{champion.version} {best:.4f} + margin "
-                        f"{policy.margin:.4f}",
-                    )
-                )
-        clean = float(tags.get("eval.clean_acc", "nan"))
-        gates.append(
-            Gate(
-                "clean_floor",
-                clean >= policy.clean_floor,
-                f"clean accuracy {clean:.4f} vs floor {policy.clean_floor:.4f}",
-            )
-        )
-    return gates
-
-
-def _same_threat(a: tuple, b: tuple) -> bool:
+def _alias_version(client, name: str, alias: str):
+    """The version `alias` points at, or None where it points nowhere; TrackingError for a missing model."""
     try:
-        return a[0] == b[0] and abs(float(a[1]) - float(b[1])) < 1e-9
-    except (TypeError, ValueError):
-        return False
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if not _code_in(err, _NO_SUCH_NAME):
+            raise
+    _registered(client, name)  # tell a missing model apart from a missing alias
+    return None
 
 
 # --------------------------------------------------------------------------- lock
+
+# Lock contention, as MLflow reports it to the loser: the name exists; or it vanished between the SQL
+# store's failed insert and its look-up of the existing model (the holder released it); or the store is
+# busy with the racing writers (sqlite "database is locked"). All three mean: wait and retry.
+_LOCK_BUSY = (RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)
 
 
 class _PromotionLock:
@@ -280,26 +195,42 @@ class _PromotionLock:
                     description="advtrain promotion lock: held while a promotion/rollback runs",
                 )
                 return self
-            except Exception:
-                self._break_if_stale()
-                if time.monotonic() > deadline:
-                    raise TrackingError(
-                        f"another promotion of this model holds '{self.lock_name}'; retry later, or delete that "
-                        "registered model if its holder crashed"
-                    ) from None
-                time.sleep(0.2)
+            except MlflowException as err:
+                if not _code_in(err, _LOCK_BUSY):
+                    raise
+            self._break_if_stale()
+            if time.monotonic() > deadline:
+                raise TrackingError(
+                    f"another promotion of this model holds '{self.lock_name}'; retry later, or delete that "
+                    "registered model if its holder crashed"
+                )
+            time.sleep(0.2)
 
     def _break_if_stale(self) -> None:
         try:
             lock = self.client.get_registered_model(self.lock_name)
-        except Exception:
-            return
-        if time.time() - float(lock.tags.get("since", time.time())) > LOCK_STALE_S:
-            with contextlib.suppress(Exception):  # someone else broke it first
+        except MlflowException as err:
+            if _code_in(err, (RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)):  # released, or busy: retry
+                return
+            raise
+        if _lock_age_s(lock) > LOCK_STALE_S:
+            try:
                 self.client.delete_registered_model(self.lock_name)
+            except MlflowException as err:
+                if not _code_in(err, _NOT_FOUND):  # someone else broke it first
+                    raise
 
     def __exit__(self, *exc: object) -> None:
         self.client.delete_registered_model(self.lock_name)
+
+
+def _lock_age_s(lock) -> float:
+    """Seconds since the lock was taken; 0 where its `since` tag is missing or unreadable."""
+    try:
+        return time.time() - float(lock.tags.get("since", time.time()))
+    except (TypeError, ValueError):
+        # Its age is unknown, so it is never broken: the timeout's message says how to remove it.
+        return 0.0
 
 
 # --------------------------------------------------------------------------- promote / rollback
@@ -333,32 +264,32 @@ def promote(
         result = PromotionResult(name, str(target.version), alias, False, False, gates, _v(champion))
         if not all(g.passed for g in gates):
             return result
-        record = {
-            "event": "promote",
-            "alias": alias,
-            "version": str(target.version),
-            "previous": _v(champion),
-            "by": getpass.getuser(),
-            "host": socket.gethostname(),
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "robust_acc": target.tags.get("eval.robust_acc"),
-            "clean_acc": target.tags.get("eval.clean_acc"),
-            "protocol": target.tags.get("eval.protocol"),
-        }
-        _append_history(client, name, record)
-        for key, value in {
-            "promotion.by": record["by"],
-            "promotion.at": record["at"],
-            "promotion.alias": alias,
-            "promotion.previous": record["previous"] or "",
-            "promotion.gates": json.dumps([asdict(g) for g in gates]),
-        }.items():
-            client.set_model_version_tag(name, str(target.version), key, value)
-        if champion is not None and alias == CHAMPION:
-            client.set_registered_model_alias(name, PREVIOUS, str(champion.version))
-        client.set_registered_model_alias(name, alias, str(target.version))
+        _record_promotion(client, name, target, champion, alias, gates)
         result.promoted = True
         return result
+
+
+def _record_promotion(client, name: str, target, champion, alias: str, gates: list[Gate]) -> None:
+    """The writes of a passed promotion, under the lock: history, version tags, then the aliases last, so
+    a failure part-way leaves the alias where it was."""
+    record = {
+        **_event("promote", alias, str(target.version), _v(champion)),
+        "robust_acc": target.tags.get("eval.robust_acc"),
+        "clean_acc": target.tags.get("eval.clean_acc"),
+        "protocol": target.tags.get("eval.protocol"),
+    }
+    _append_history(client, name, record)
+    for key, value in {
+        "promotion.by": record["by"],
+        "promotion.at": record["at"],
+        "promotion.alias": alias,
+        "promotion.previous": record["previous"] or "",
+        "promotion.gates": json.dumps([asdict(g) for g in gates]),
+    }.items():
+        client.set_model_version_tag(name, str(target.version), key, value)
+    if champion is not None and alias == CHAMPION:
+        client.set_registered_model_alias(name, PREVIOUS, str(champion.version))
+    client.set_registered_model_alias(name, alias, str(target.version))
 
 
 def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -372,24 +303,11 @@ def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = Non
         if current is None:
             raise TrackingError(f"'{name}' has no '{alias}' to roll back")
         # The champion before the current one: the `previous` of the record that made it champion.
-        made = next(
-            (r for r in reversed(history) if r["alias"] == alias and r["version"] == str(current.version)), None
-        )
-        previous = made["previous"] if made else None
+        previous = _replaced_by(history, alias, str(current.version))
         if not previous:
             raise TrackingError(f"'{name}': no earlier {alias} recorded before version {current.version}")
-        before_previous = next(
-            (r["previous"] for r in reversed(history) if r["alias"] == alias and r["version"] == previous), None
-        )
-        record = {
-            "event": "rollback",
-            "alias": alias,
-            "version": previous,
-            "previous": str(current.version),
-            "by": getpass.getuser(),
-            "host": socket.gethostname(),
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        before_previous = _replaced_by(history, alias, previous)
+        record = _event("rollback", alias, previous, str(current.version))
         _append_history(client, name, record)
         client.set_registered_model_alias(name, alias, previous)
         if alias == CHAMPION:
@@ -400,12 +318,23 @@ def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = Non
         return record
 
 
-def _alias_version(client, name: str, alias: str):
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception:
-        _registered(client, name)
-        return None
+def _replaced_by(history: list[dict[str, Any]], alias: str, version: str) -> str | None:
+    """The version that `alias` pointed at before the latest record that moved it to `version`."""
+    made = next((r for r in reversed(history) if r["alias"] == alias and r["version"] == version), None)
+    return made["previous"] if made else None
+
+
+def _event(event: str, alias: str, version: str, previous: str | None) -> dict[str, Any]:
+    """A history record: what moved where, and who did it from which host, when."""
+    return {
+        "event": event,
+        "alias": alias,
+        "version": version,
+        "previous": previous,
+        "by": getpass.getuser(),
+        "host": socket.gethostname(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _v(version) -> str | None:

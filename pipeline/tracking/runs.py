@@ -1,41 +1,25 @@
-"""MLflow: runs, per-epoch metrics, artifacts, model logging, registration and loading.
-
-The only module that imports mlflow. Runs are addressed by explicit run id (the driver creates the run,
-rank 0 logs into it). Models are stored without pickle: safetensors weights + an architecture JSON,
-wrapped in an MLflow "models from code" pyfunc so `mlflow.pyfunc.load_model` works too.
+"""MLflow runs: the tracking URI, runs addressed by explicit run id (the driver creates the run, rank 0
+logs into it), per-epoch metrics, events, tags and artifacts. The model store is model_store.py; with
+registry.py and gates.py, pipeline/tracking is the only place that imports mlflow.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from pipeline.data import sha256_file
-from pipeline.models import build_model
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "advtrain.run_name"
-WEIGHTS_FILE = "model.safetensors"
-ARCH_FILE = "architecture.json"
-PYFUNC_SCRIPT = Path(__file__).with_name("pyfunc.py")
 DEFAULT_STORE = "mlruns"
 
 
@@ -171,246 +155,6 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 # --------------------------------------------------------------------------- models
 
 
-def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
-    """Write model.safetensors + architecture.json to `folder`; returns the weights' sha256."""
-    folder.mkdir(parents=True, exist_ok=True)
-    # contiguous: safetensors stores dense row-major tensors only, and conv weights are channels_last.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    digest = sha256_file(folder / WEIGHTS_FILE)
-    (folder / ARCH_FILE).write_text(json.dumps({**arch, "weights_sha256": digest}, indent=2))
-    return digest
-
-
-def _load_folder(folder: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str, dict]:
-    folder = Path(folder)
-    weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
-    arch_file = next(iter(sorted(folder.rglob(ARCH_FILE))), None)
-    if weights is None or arch_file is None:
-        raise TrackingError(f"{folder}: no {WEIGHTS_FILE} / {ARCH_FILE}; is this an advtrain model?")
-    arch = json.loads(arch_file.read_text())
-    expected = expected_sha256 or arch.get("weights_sha256")
-    digest = sha256_file(weights)
-    if expected and digest != expected:
-        raise TrackingError(
-            f"{weights}: sha256 {digest[:16]}... does not match the recorded {expected[:16]}...; "
-            "the weights changed after they were registered: refusing to load them"
-        )
-    model = build_model(arch)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval(), digest, arch
-
-
-def load_weights(folder: str | Path, *, expected_sha256: str | None = None) -> nn.Module:
-    """Rebuild the network from a folder with architecture.json + model.safetensors (no unpickling).
-
-    Verifies the weights' sha256 against `expected_sha256` (e.g. the registry tag) or, failing that,
-    the one recorded in architecture.json. Returns the model in eval mode on CPU.
-    """
-    return _load_folder(folder, expected_sha256=expected_sha256)[0]
-
-
-def log_and_register_model(
-    uri: str,
-    run_id: str,
-    *,
-    model: nn.Module,
-    arch: dict[str, Any],
-    registered_model: str,
-    version_tags: dict[str, Any],
-    alias: str = "",
-) -> dict[str, Any]:
-    """Log the model to the run (pyfunc from code, safetensors) and register a new version.
-
-    Returns {"weights_sha256", "model_uri", "version"} (version None when registered_model is empty).
-    Rank 0 / driver only.
-    """
-    with _global_uris(uri):
-        return _log_and_register(
-            uri,
-            run_id,
-            model=model,
-            arch=arch,
-            registered_model=registered_model,
-            version_tags=version_tags,
-            alias=alias,
-        )
-
-
-@contextlib.contextmanager
-def _global_uris(uri: str) -> Iterator[None]:
-    """The fluent log_model/register_model use the process-global tracking and registry URIs, and
-    setting them also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to child processes. Set them
-    for one call and put back exactly what was there (unset stays unset), so later clients and
-    subprocesses of this process are not silently pointed at this server."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _log_and_register(
-    uri: str,
-    run_id: str,
-    *,
-    model: nn.Module,
-    arch: dict[str, Any],
-    registered_model: str,
-    version_tags: dict[str, Any],
-    alias: str,
-) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        digest = save_weights(model, arch, folder)
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # The pyfunc takes raw pixel arrays; MLflow's type-hint nudge does not apply.
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_SCRIPT),
-                artifacts={"weights": str(folder / WEIGHTS_FILE), "architecture": str(folder / ARCH_FILE)},
-                # The whole pipeline package, so the pyfunc imports pipeline.models wherever it loads.
-                code_paths=[str(Path(__file__).parents[1])],
-                # Explicit requirements: inferring them costs ~10 s (shared/NOTES).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
-            )
-    result: dict[str, Any] = {"weights_sha256": digest, "model_uri": info.model_uri, "version": None}
-    if registered_model:
-        result["version"] = _register(uri, info.model_uri, registered_model, version_tags, digest, alias)
-    return result
-
-
-def _register(uri: str, model_uri: str, name: str, tags: dict[str, Any], digest: str, alias: str) -> int:
-    """A new version of `name` from a logged model (global URIs already set), tagged with its weights'
-    digest, and the alias moved to it."""
-    # register_model (not create_model_version) links the version to the logged model's id,
-    # which a tracking server requires for a models:/m-... source.
-    version = mlflow.register_model(
-        model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, "weights_sha256": digest}
-    )
-    if alias:
-        client_for(uri).set_registered_model_alias(name, alias, str(version.version))
-    return int(version.version)
-
-
-def register_run_model(
-    uri: str, run_id: str, *, registered_model: str, alias: str = "", tags: dict[str, Any] | None = None
-) -> int:
-    """Register the model a run logged (`runs:/ID/model`) as a new version, with the run's weights digest."""
-    digest = client_for(uri).get_run(run_id).data.tags.get("advtrain.weights_sha256", "")
-    with _global_uris(uri):
-        return _register(uri, f"runs:/{run_id}/model", registered_model, tags or {}, digest, alias)
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A loaded model and where it came from (registry coordinates when it has them)."""
-
-    model: nn.Module
-    weights_sha256: str
-    architecture: dict[str, Any]
-    name: str | None = None
-    version: str | None = None
-    run_id: str | None = None
-    tracking_uri: str | None = None
-
-
-def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> ResolvedModel:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a local folder -> the model.
-
-    Eval mode, CPU; the weights' sha256 is checked against the registry's `weights_sha256` tag when the
-    URI names a registered version (else against architecture.json); never unpickles.
-    """
-    if Path(model_uri).exists():
-        model, digest, arch = _load_folder(model_uri)
-        return ResolvedModel(model, digest, arch)
-    uri = resolve_tracking_uri(tracking_uri or "")
-    client = client_for(uri)
-    expected = name = version_number = run_id = None
-    if model_uri.startswith("models:/"):
-        name, version = _registered_version(client, model_uri)
-        expected = version.tags.get("weights_sha256")
-        if not expected:
-            raise TrackingError(f"{model_uri}: version {version.version} has no weights_sha256 tag")
-        version_number, run_id = str(version.version), version.run_id
-        # The version's own artifact location: a models:/ URI would be resolved against the default
-        # registry (MLFLOW_REGISTRY_URI / ./mlflow.db), not the tracking URI given here.
-        source = client.get_model_version_download_uri(name, version.version)
-    elif model_uri.startswith("runs:/"):
-        run_id, _, name_in_run = model_uri[len("runs:/") :].partition("/")
-        source = _logged_model_location(client, run_id, name_in_run or "model", model_uri)
-    else:
-        raise TrackingError(
-            f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
-        except MlflowException as err:
-            raise TrackingError(f"{model_uri}: cannot download the model ({err.message})") from None
-        model, digest, arch = _load_folder(local, expected_sha256=expected)
-    return ResolvedModel(model, digest, arch, name, version_number, run_id, uri)
-
-
-def _logged_model_location(client: MlflowClient, run_id: str, name: str, model_uri: str) -> str:
-    """MLflow 3 stores a logged model apart from the run's artifacts: find it by run and name."""
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"{model_uri}: no MLflow run with id '{run_id}'") from None
-    models = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
-    )
-    if not models:
-        return model_uri  # an older run that logged the model as plain run artifacts
-    return models[-1].artifact_location
-
-
-def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
-    """The nn.Module behind a model URI (see `resolve_model`), in eval mode, weights verified."""
-    return resolve_model(model_uri, tracking_uri=tracking_uri).model
-
-
-def _registered_version(client: MlflowClient, model_uri: str):
-    ref = model_uri[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        try:
-            return name, client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            aliases = _aliases(client, name)
-            raise TrackingError(
-                f"{model_uri}: registered model '{name}' has no alias '{alias}' (aliases: {aliases or 'none'})"
-            ) from None
-    name, _, version = ref.partition("/")
-    if not version.isdigit():
-        raise TrackingError(f"{model_uri}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
-    try:
-        return name, client.get_model_version(name, version)
-    except MlflowException:
-        raise TrackingError(f"{model_uri}: no version {version} of registered model '{name}'") from None
-
-
-def _aliases(client: MlflowClient, name: str) -> list[str]:
-    try:
-        return sorted(client.get_registered_model(name).aliases)
-    except MlflowException:
-        raise TrackingError(f"no registered model named '{name}'") from None
-
-
 def run_tags(uri: str, run_id: str) -> dict[str, str]:
     return dict(client_for(uri).get_run(run_id).data.tags)
 
@@ -427,19 +171,3 @@ def set_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) ->
     client = client_for(uri)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-
-
-def stored_weights_sha256(uri: str, name: str, version: str) -> str:
-    """sha256 of a registered version's weights as stored in the artifact store now (downloaded, so a
-    file changed after evaluation is caught; tags are not trusted for this)."""
-    client = client_for(uri)
-    source = client.get_model_version_download_uri(name, version)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
-        except MlflowException as err:
-            raise TrackingError(f"{name}/{version}: cannot download the stored model ({err.message})") from None
-        weights = next(iter(sorted(local.rglob(WEIGHTS_FILE))), None)
-        if weights is None:
-            raise TrackingError(f"{name}/{version}: no {WEIGHTS_FILE} in the stored model")
-        return sha256_file(weights)

@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.data import load_split
 from pipeline.evaluate import evaluate_examples
 from pipeline.sanity import sanity_checks
+from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.runs import client_for
 
@@ -102,7 +103,7 @@ def test_evaluation_of_a_registered_model_logs_evidence(
         config_toml="",
         tags={},
     )
-    registered = tracking.log_and_register_model(
+    registered = model_store.log_and_register_model(
         mlflow_server, run_id, model=model, arch=arch, registered_model="eval-it", version_tags={}
     )
     report = run_evaluation(
@@ -128,7 +129,8 @@ def test_evaluation_of_a_registered_model_logs_evidence(
 
 
 def test_missing_model_and_alias_say_what_to_change(mlflow_server):
-    from pipeline.tracking.runs import TrackingError, resolve_model
+    from pipeline.tracking.model_store import resolve_model
+    from pipeline.tracking.runs import TrackingError
 
     with pytest.raises(TrackingError, match="no alias 'champion'"):
         client = client_for(mlflow_server)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.orchestrate.evaluation import run_evaluation
-from pipeline.tracking import registry
+from pipeline.tracking import model_store, registry
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.registry import PromotionPolicy
 from pipeline.tracking.runs import TrackingError, client_for
@@ -34,7 +34,7 @@ def _register(uri, name, model, arch, digits_path) -> str:
         tags={},
     )
     arch = {k: v for k, v in arch.items() if k != "weights_sha256"}
-    registered = tracking.log_and_register_model(
+    registered = model_store.log_and_register_model(
         uri,
         run_id,
         model=model,
@@ -147,7 +147,7 @@ def test_changed_weights_after_evaluation_are_refused(versions, mlflow_server_ro
     assert not next(g for g in result.gates if g.name == "weights_match_evidence").passed
     assert _snapshot(uri, "promo") == before
     with pytest.raises(TrackingError, match="does not match"):
-        tracking.load_model(f"models:/promo/{v['tampered']}", tracking_uri=uri)
+        model_store.load_model(f"models:/promo/{v['tampered']}", tracking_uri=uri)
 
 
 def test_champion_loads_in_fresh_process_with_the_evaluated_accuracy(versions, mlflow_server, digits_path):
@@ -228,14 +228,14 @@ def test_registry_through_a_basic_auth_server(mlflow_auth_server, undefended, di
     run_id, _ = tracking.start_or_resume_run(
         uri, experiment="auth-it", run_name="auth-it", params={"attack.eps": 0.2}, config_toml="", tags={}
     )
-    registered = tracking.log_and_register_model(
+    registered = model_store.log_and_register_model(
         uri, run_id, model=undefended, arch=arch, registered_model="auth-model", version_tags={}, alias="challenger"
     )
     rows = registry.list_versions("auth-model", tracking_uri=uri)
     assert [r["version"] for r in rows] == [str(registered["version"])] and rows[0]["aliases"] == ["challenger"]
     result = registry.promote("auth-model", "challenger", dry_run=True, tracking_uri=uri)
     assert not result.promoted and "advtrain evaluate" in result.gates[0].detail
-    loaded = tracking.load_model("models:/auth-model@challenger", tracking_uri=uri)
+    loaded = model_store.load_model("models:/auth-model@challenger", tracking_uri=uri)
     assert loaded.training is False
     run = client_for(uri).get_run(run_id)
     recorded = json.dumps({"params": run.data.params, "tags": run.data.tags})

@@ -77,7 +77,8 @@ def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(
     assert int(adversarial.model_version) > int(standard.model_version)
     assert client.get_model_version_by_alias("digits-it", "challenger").version == str(adversarial.model_version)
     logged = client.get_metric_history(adversarial.mlflow_run_id, "test/clean_acc")[-1].value
-    from pipeline.tracking.runs import TrackingError, resolve_model
+    from pipeline.tracking.model_store import resolve_model
+    from pipeline.tracking.runs import TrackingError
 
     by_run = resolve_model(f"runs:/{adversarial.mlflow_run_id}/model", tracking_uri=mlflow_server)
     assert by_run.weights_sha256 == adversarial.weights_sha256 and by_run.run_id == adversarial.mlflow_run_id
@@ -85,7 +86,7 @@ def test_registered_version_loads_in_fresh_process_and_reproduces_test_accuracy(
         resolve_model("runs:/0123456789abcdef/model", tracking_uri=mlflow_server)
     code = f"""
 import sys, json, torch, mlflow.pyfunc
-from pipeline.tracking.runs import load_model
+from pipeline.tracking.model_store import load_model
 from pipeline.data import load_split
 from pipeline.training.validation import predict
 model = load_model("models:/digits-it/{adversarial.model_version}")
@@ -106,7 +107,8 @@ print(json.dumps({{"acc": float((pred == y).float().mean()), "pyfunc_same": same
 
 def test_tampered_weights_are_refused(trained, tmp_path):
     from pipeline.models import build_model
-    from pipeline.tracking.runs import TrackingError, load_model, load_weights, save_weights
+    from pipeline.tracking.model_store import load_model, load_weights, save_weights
+    from pipeline.tracking.runs import TrackingError
 
     arch = {
         "name": "small_cnn",
@@ -185,7 +187,7 @@ def test_weight_average_is_what_validation_sees_and_what_is_registered(
     import torch
 
     from pipeline import data as data_lib
-    from pipeline.tracking.runs import load_model
+    from pipeline.tracking.model_store import load_model
 
     config = _config(
         digits_recipe,
