@@ -202,7 +202,7 @@ def run_training(
     }
     try:
         result = _torch_trainer(run, worker_context, callbacks).fit()
-    except BaseException:
+    except BaseException:  # Ctrl-C and worker-group errors alike: the record says FAILED, then re-raise
         tracking.end_run(uri, run_id, status="FAILED")
         raise
     summary: dict[str, Any] = result.return_value

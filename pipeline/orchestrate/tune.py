@@ -185,7 +185,7 @@ def run_search(
     log.info("search %s: %d concurrent trial(s), MLflow parent run %s", name, concurrency, parent_run_id)
     try:
         grid = _tuner(config, search, trainable, space, name=name, resume=resume, concurrency=concurrency).fit()
-    except BaseException:
+    except BaseException:  # Ctrl-C and worker-group errors alike: the record says FAILED, then re-raise
         tracking.end_run(config.tracking.uri, parent_run_id, status="FAILED")
         raise
     summary = report_search(grid, config, original, search, name=name, parent_run_id=parent_run_id, cwd=base_dir)
