@@ -124,6 +124,10 @@ def _apgd_once(
                 reduced_last, loss_best_last = reduce, loss_best.clone()
                 increases.zero_()
                 last_checkpoint = i + 1
+                # Every example fooled: later steps cannot change x_fooling or fooled, so stop. The
+                # one host sync is per checkpoint (~10 a run), not per step.
+                if bool(fooled.all()):
+                    break
     return x_fooling.detach(), fooled
 
 

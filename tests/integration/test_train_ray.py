@@ -179,34 +179,3 @@ def test_interrupted_run_resumes_with_one_value_per_epoch(
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already finished" in again.stderr
-
-
-def test_weight_average_is_what_validation_sees_and_what_is_registered(
-    ray_address, digits_recipe, mlflow_server, tmp_path
-):
-    import torch
-
-    from pipeline import data as data_lib
-    from pipeline.tracking.model_store import load_model
-
-    config = _config(
-        digits_recipe,
-        tmp_path,
-        "run.epochs=3",
-        'run.name="averaged"',
-        "run.weight_average_decay=0.9",
-        "run.keep_best=false",
-    )
-    summary = run_training(config, config_name="averaged")
-    run_dir = tmp_path / "runs" / "averaged"
-    latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    state = torch.load(run_dir / latest["checkpoint_dir_name"] / "state.pt", weights_only=True)
-    # One update per optimizer step: 3 epochs of each worker's share of the train split.
-    num_train = data_lib.read_metadata(config.data.path).num_rows("train")
-    steps_per_epoch = -(-(num_train // 2) // config.data.batch_size)
-    assert state["average"]["updates"] == 3 * steps_per_epoch
-    registered = load_model(f"models:/digits-it/{summary.model_version}", tracking_uri=mlflow_server).state_dict()
-    assert all(torch.equal(registered[k], state["average"]["model"][k]) for k in registered)
-    assert not all(torch.equal(registered[k], state["model"][k]) for k in registered)
-    # The last epoch's val robust accuracy is the averaged model's, and is what the summary reports.
-    assert summary.val_robust_acc == latest["metrics"]["val/robust_acc"]

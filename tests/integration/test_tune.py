@@ -128,7 +128,10 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     experiment = "tune-resume"
     overrides = [*_overrides(digits_path, tmp_path, mlflow_server, experiment), "run.epochs=2"]
     search_file = tmp_path / "search.toml"
-    search_file.write_text(SEARCH.format(seed=1).replace("[asha]", "[asha]\nenabled = false"))
+    # Three trials: two finish before the kill, the third is left for the resumed search.
+    search_file.write_text(
+        SEARCH.format(seed=1).replace("num_samples = 4", "num_samples = 3").replace("[asha]", "[asha]\nenabled = false")
+    )
     name = "tune-resume-search"
     command = [
         str(Path(sys.executable).with_name("advtrain")),
@@ -167,7 +170,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
 
     config = load_config(ROOT / "jobs/configs/digits_demo.toml", overrides)
     summary = run_search(config, load_search(search_file, config), name=name, resume=True, cwd=tmp_path)
-    assert len(summary.rows) == 4 and all(r.status == "completed" for r in summary.rows), summary.rows
+    assert len(summary.rows) == 3 and all(r.status == "completed" for r in summary.rows), summary.rows
+    assert set(finished_before) < {r.run_name for r in summary.rows}, "the resumed search had a trial left to run"
     runs = client.search_runs(
         [client.get_experiment_by_name(experiment).experiment_id], filter_string=f"tags.`advtrain.search` = '{name}'"
     )

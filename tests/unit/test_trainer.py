@@ -179,25 +179,49 @@ def test_load_refuses_another_schema_version(digits_path):
         state.load_state_dict({**state.state_dict(), "version": 0})
 
 
-def _ddp_rank(rank, world_size, port, digits_path, out):
+def _ddp_rank(rank, world_size, port, digits_path, out, overrides=()):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        config = _config(digits_path, "run.epochs=2")
-        world = LocalWorld()
-        trainer = Trainer(config, world, InMemoryReporter(), architecture=_arch(config))
+        config = _config(digits_path, "run.epochs=2", *overrides)
+        world, reporter = LocalWorld(), InMemoryReporter()
+        trainer = Trainer(config, world, reporter, architecture=_arch(config))
         trainer.run()
+        # What each rank ends with: the shipped weights (the average where one is kept).
         torch.save({k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}, f"{out}/{rank}.pt")
+        if rank == 0:
+            torch.save(
+                {"checkpoint": world.load_checkpoint(), "shipped": reporter.model.state_dict()}, f"{out}/rank0.pt"
+            )
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ddp_ranks_train_identical_replicas(digits_path, tmp_path):
+def _spawn_ddp(digits_path, tmp_path, *overrides):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, str(digits_path), str(tmp_path)), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    mp.spawn(_ddp_rank, args=(2, port, str(digits_path), str(tmp_path), overrides), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_ddp_ranks_train_identical_replicas(digits_path, tmp_path):
+    a, b = _spawn_ddp(digits_path, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ddp_ranks_keep_identical_averages_and_ship_the_average(digits_path, tmp_path):
+    """Each rank keeps its own average, one update per optimizer step of its shard; they stay identical
+    (DDP keeps the trained weights identical), and rank 0 checkpoints and ships it."""
+    a, b = _spawn_ddp(digits_path, tmp_path, "run.weight_average_decay=0.9", "run.keep_best=false")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    state, shipped = rank0["checkpoint"], rank0["shipped"]
+    config = _config(digits_path)
+    steps_per_epoch = -(-(read_metadata(config.data.path).num_rows("train") // 2) // config.data.batch_size)
+    assert state["average"]["updates"] == 2 * steps_per_epoch
+    assert all(torch.equal(shipped[k], state["average"]["model"][k]) for k in shipped)
+    assert all(torch.equal(shipped[k], a[k]) for k in shipped)
+    assert not all(torch.equal(shipped[k], state["model"][k]) for k in shipped)
