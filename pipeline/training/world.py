@@ -1,6 +1,6 @@
 """What the `Trainer` needs from where it runs (`World`) and from where it records (`Reporter`).
 
-Ray Train gives a Ray world and an MLflow reporter (pipeline/orchestrate/train.py); tests and benchmarks give a
+Ray Train gives a Ray world and an MLflow reporter (pipeline/orchestrate/worker.py); tests and benchmarks give a
 `LocalWorld` (one process, or one rank of an in-process torch.distributed group) and an
 `InMemoryReporter`. Pure torch: no ray, no mlflow.
 """
