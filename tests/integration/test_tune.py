@@ -49,6 +49,9 @@ def _overrides(digits_path, tmp_path, mlflow_uri, experiment):
         f"run.epochs={EPOCHS}",
         "schedule.eps_ramp_epochs=1",
         "validation.num_examples=128",
+        # Two trials at a time on the 2-CPU test instance (2 workers x 0.5 CPU each): concurrent trials
+        # are what a real search runs, and the suite waits for half as many worker start-ups.
+        "scaling.cpus_per_worker=0.5",
     ]
 
 
