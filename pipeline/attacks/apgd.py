@@ -59,10 +59,7 @@ def _apgd_once(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One run; returns (x_fooling, fooled): for each example a misclassified iterate if one was seen.
-
-    Longer than the house's ~60 lines on purpose: it is Algorithm 1 of Croce & Hein 2020 in one loop
-    (momentum step, checkpoint test, step-size halving, restart from the best point), each line beside
-    the paper's; split into helpers it would pass a dozen tensors of state back and forth per step."""
+    Long on purpose: Algorithm 1 of Croce & Hein 2020 as one loop, line by line beside the paper's."""
     n = x.shape[0]
     if norm == "linf":
         t = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
@@ -124,9 +121,7 @@ def _apgd_once(
                 reduced_last, loss_best_last = reduce, loss_best.clone()
                 increases.zero_()
                 last_checkpoint = i + 1
-                # Every example fooled: later steps cannot change x_fooling or fooled, so stop. The
-                # one host sync is per checkpoint (~10 a run), not per step.
-                if bool(fooled.all()):
+                if bool(fooled.all()):  # nothing left to change; one host sync per checkpoint, not per step
                     break
     return x_fooling.detach(), fooled
 
