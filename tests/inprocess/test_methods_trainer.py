@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import read_metadata
-from pipeline.models import architecture
 from pipeline.training import InMemoryReporter, LocalWorld, Trainer
+from pipeline.training.inprocess import dataset_architecture
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 8
@@ -34,10 +33,8 @@ def _train(digits_path, *overrides):
             *overrides,
         ],
     )
-    info = read_metadata(config.data.path)
-    arch = architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
     reporter = InMemoryReporter()
-    summary = Trainer(config, LocalWorld(), reporter, architecture=arch).run()
+    summary = Trainer(config, LocalWorld(), reporter, architecture=dataset_architecture(config)).run()
     return summary, reporter
 
 

@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 
 from pipeline.config import load_config
 from pipeline.data import read_metadata
-from pipeline.models import architecture, build_model
+from pipeline.models import build_model
 from pipeline.training import SCHEMA_VERSION, InMemoryReporter, LocalWorld, Trainer, TrainState
+from pipeline.training.inprocess import dataset_architecture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,8 +31,7 @@ def _config(digits_path, *overrides):
 
 
 def _arch(config):
-    info = read_metadata(config.data.path)
-    return architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    return dataset_architecture(config)
 
 
 def _run(config, world=None, reporter=None):
