@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message says which key and what to change."""
+__all__ = ["PLUGIN_NAMES", "ConfigError", "plugin_name", "registered_name"]
 
 
 class _Component(BaseModel):

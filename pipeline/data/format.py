@@ -18,15 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 METADATA_FILE = "metadata.json"
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file (and row) and what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import TrackingError
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "advtrain.run_name"
 DEFAULT_STORE = "mlruns"
-
-
-class TrackingError(ValueError):
-    """A tracking/registry problem the user must fix (bad URI, missing model, wrong alias, ...)."""
 
 
 def resolve_tracking_uri(configured: str = "", *, cwd: str | Path | None = None) -> str:
