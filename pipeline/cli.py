@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.exceptions import TyperException
 
 from pipeline.data.sources import SOURCES
+from pipeline.errors import InputError, checked_name
 from pipeline.evaluate import PROTOCOLS
 
 app = typer.Typer(
@@ -31,9 +36,9 @@ app.add_typer(models_app, name="models")
 Source = StrEnum("Source", {name: name for name in SOURCES})
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+# Exit codes (README "Errors and exit codes"): 0 done, 1 a documented refusal (a promotion gate failed),
+# 2 bad input (the message says what to change), 3 a bug (the traceback is in the log file named).
+EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_BUG = 1, 2, 3
 
 
 @data_app.command("prepare")
@@ -61,11 +66,8 @@ def data_prepare(
     spec = SOURCES[kind.value]
     out = out if str(out) not in ("", ".") else Path("data") / kind.value
     if spec.needs and source is None:
-        _fail(f"{kind.value} needs --source {spec.needs}")
-    try:
-        info = spec.prepare(source, out, seed=seed)
-    except data.DataError as err:
-        _fail(str(err))
+        raise InputError(f"{kind.value} needs --source {spec.needs}")
+    info = spec.prepare(source, out, seed=seed)
     rows = ", ".join(f"{s} {info.num_rows(s)}" for s in data.SPLITS)
     typer.echo(f"wrote {out}: shape {info.shape}, {info.num_classes} classes, {rows}")
 
@@ -75,10 +77,7 @@ def data_validate(path: Annotated[Path, typer.Argument(help="A prepared dataset 
     """Check every file of a prepared dataset (schema, shape, labels, checksums)."""
     from pipeline import data
 
-    try:
-        info = data.validate_dataset(path)
-    except data.DataError as err:
-        _fail(str(err))
+    info = data.validate_dataset(path)
     typer.echo(f"{path}: ok ({', '.join(f'{s} {info.num_rows(s)}' for s in data.SPLITS)} rows)")
 
 
@@ -102,22 +101,16 @@ def train(
     Example: `advtrain train --config jobs/configs/digits_demo.toml --set attack.eps=0.2`.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipeline.config import ConfigError, load_config
-    from pipeline.data import DataError
-    from pipeline.tracking.runs import TrackingError
+    from pipeline.config import load_config
 
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = load_config(config, overrides or [])
+    if resume is not None:
+        checked_name(resume, "--resume")
     from pipeline.orchestrate import train as train_lib
     from pipeline.orchestrate.cluster import init_ray
 
     init_ray(ray_address, num_cpus=num_cpus)
-    try:
-        summary = train_lib.run_training(cfg, config_name=config.stem, resume=resume)
-    except (ConfigError, DataError, TrackingError) as err:
-        _fail(str(err))
+    summary = train_lib.run_training(cfg, config_name=config.stem, resume=resume)
     ui = (
         f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {summary.tracking_uri}"
         if summary.tracking_uri.startswith("sqlite")
@@ -171,24 +164,16 @@ def tune_cmd(
     Example: `advtrain tune --config jobs/configs/digits_demo.toml --search jobs/configs/search_digits.toml`.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipeline.config import ConfigError, load_config
-    from pipeline.data import DataError
-    from pipeline.tracking.runs import TrackingError
-
-    try:
-        cfg = load_config(config, overrides or [])
-        from pipeline.orchestrate import tune as tune_lib
-
-        spec = tune_lib.load_search(search, cfg, num_samples=num_samples)
-    except ConfigError as err:
-        _fail(str(err))
+    from pipeline.config import load_config
+    from pipeline.orchestrate import tune as tune_lib
     from pipeline.orchestrate.cluster import init_ray
 
+    cfg = load_config(config, overrides or [])
+    spec = tune_lib.load_search(search, cfg, num_samples=num_samples)
+    if name is not None:
+        checked_name(name, "--name")
     init_ray(ray_address, num_cpus=num_cpus)
-    try:
-        summary = tune_lib.run_search(cfg, spec, name=name, resume=resume, config_name=f"{config.stem}-search")
-    except (ConfigError, DataError, TrackingError) as err:
-        _fail(str(err))
+    summary = tune_lib.run_search(cfg, spec, name=name, resume=resume, config_name=f"{config.stem}-search")
     typer.echo("")
     typer.echo(tune_lib.format_table(summary))
     typer.echo("")
@@ -235,26 +220,22 @@ def evaluate(
     Example: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from pipeline.data import DataError
     from pipeline.orchestrate.cluster import init_ray
-    from pipeline.orchestrate.evaluation import run_evaluation
-    from pipeline.tracking.runs import TrackingError
+    from pipeline.orchestrate.evaluation import check_evaluation_request, run_evaluation
 
+    check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out)
     init_ray(ray_address)
-    try:
-        rep = run_evaluation(
-            model,
-            data_path=str(data) if data else None,
-            split=split,
-            norm=norm.value if norm else None,
-            eps=eps,
-            num_examples=num_examples,
-            protocol=protocol.value,
-            seed=seed,
-            out_dir=out,
-        )
-    except (ValueError, DataError, TrackingError) as err:
-        _fail(str(err))
+    rep = run_evaluation(
+        model,
+        data_path=str(data) if data else None,
+        split=split,
+        norm=norm.value if norm else None,
+        eps=eps,
+        num_examples=num_examples,
+        protocol=protocol.value,
+        seed=seed,
+        out_dir=out,
+    )
     typer.echo(_evaluation_summary(model, rep))
 
 
@@ -286,12 +267,8 @@ def models_list(name: Annotated[str | None, typer.Argument(help="A registered mo
     Example: `advtrain models list digits-linf`.
     """
     from pipeline.tracking.registry import list_versions
-    from pipeline.tracking.runs import TrackingError
 
-    try:
-        rows = list_versions(name)
-    except TrackingError as err:
-        _fail(str(err))
+    rows = list_versions(name)
     if not rows:
         typer.echo("no registered models")
         return
@@ -322,12 +299,8 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or N
     import json
 
     from pipeline.tracking.registry import show
-    from pipeline.tracking.runs import TrackingError
 
-    try:
-        typer.echo(json.dumps(show(ref), indent=2))
-    except TrackingError as err:
-        _fail(str(err))
+    typer.echo(json.dumps(show(ref), indent=2))
 
 
 @app.command("promote")
@@ -351,15 +324,11 @@ def promote(
     `advtrain promote --name digits-linf --version challenger`.
     """
     from pipeline.tracking import registry
-    from pipeline.tracking.runs import TrackingError
 
-    try:
-        rules = registry.load_policy(policy)
-        if evaluate_first:
-            _evaluate_if_missing(name, version, rules.protocol)
-        result = registry.promote(name, version, alias=alias, policy=rules, dry_run=dry_run)
-    except TrackingError as err:
-        _fail(str(err))
+    rules = registry.load_policy(policy)
+    if evaluate_first:
+        _evaluate_if_missing(name, version, rules.protocol)
+    result = registry.promote(name, version, alias=alias, policy=rules, dry_run=dry_run)
     for gate in result.gates:
         typer.echo(f"  {'pass' if gate.passed else 'FAIL'}  {gate.name:24s} {gate.detail}")
     passed = all(g.passed for g in result.gates)
@@ -378,7 +347,7 @@ def promote(
         failed = ", ".join(g.name for g in result.gates if not g.passed)
         typer.echo(f"refused: {name} version {result.version} stays as it is ({failed} failed); registry unchanged")
     if not passed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_REFUSED)
 
 
 def _evaluate_if_missing(name: str, version: str, protocol: str) -> None:
@@ -405,21 +374,52 @@ def rollback(
     Example: `advtrain rollback --name digits-linf`.
     """
     from pipeline.tracking.registry import rollback as do_rollback
-    from pipeline.tracking.runs import TrackingError
 
-    try:
-        record = do_rollback(name, alias=alias)
-    except TrackingError as err:
-        _fail(str(err))
+    record = do_rollback(name, alias=alias)
     typer.echo(f"rolled back {name}: '{alias}' is version {record['version']} again (was {record['previous']})")
 
 
-def main() -> None:
-    import os
-
+def run(argv: list[str] | None = None) -> int:
+    """Every command's one error path; the exit code. Bad input -> its message, 2; anything else is a
+    bug -> 3, with the traceback in a log file whose path the message gives."""
     # MLflow draws a progress bar per artifact download; the CLI has its own progress output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    app(prog_name="advtrain")
+    try:
+        app(args=argv, prog_name="advtrain", standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except typer.Abort:  # Ctrl-C at a prompt
+        return 130
+    except TyperException as usage:  # a usage error: unknown option, bad choice, missing value
+        message = str(usage)
+        getattr(usage, "show", lambda: typer.secho(f"error: {message}", err=True))()
+        return EXIT_BAD_INPUT
+    except InputError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        return EXIT_BAD_INPUT
+    except Exception:  # by definition unexpected: reported as a bug, never as bad input
+        log_path = _write_crash_log(traceback.format_exc())
+        typer.secho(
+            f"error: advtrain failed unexpectedly (a bug, not your input): {sys.exc_info()[1]!r}\n"
+            f"The traceback is in {log_path}; please attach it to a bug report.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        return EXIT_BUG
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+def _write_crash_log(text: str) -> Path:
+    folder = Path(os.environ.get("ADVTRAIN_LOG_DIR") or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="advtrain-crash-", suffix=".log", dir=folder)
+    with os.fdopen(handle, "w") as out:
+        out.write(f"advtrain {' '.join(sys.argv[1:])}\n\n{text}")
+    return Path(name)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,15 @@ def _bounds(metadata: Sequence[object]) -> str:
             case annotated_types.MinLen(min_length=value):
                 parts.append(f"length ≥ {value}")
     if lower and upper:
-        parts.insert(0, f"{lower[0]}{lower[2]:g}, {upper[2]:g}{upper[0]}")
+        parts.insert(0, f"{lower[0]}{_number(lower[2])}, {_number(upper[2])}{upper[0]}")
     elif bound := lower or upper:
-        parts.insert(0, f"{bound[1]} {bound[2]:g}")
+        parts.insert(0, f"{bound[1]} {_number(bound[2])}")
     return "; ".join(parts)
+
+
+def _number(value: float) -> str:
+    """1, 0.5, 65536, 4294967295: whole numbers in full (a seed's bound is not 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,9 @@ safetensors weights, so a registered model loads without unpickling any code.
 
 from __future__ import annotations
 
+import math
+import re
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, registered_name
+from pipeline.errors import ModelError
 
 
 class Normalize(nn.Module):
@@ -207,5 +211,104 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     # small_cnn PGD-3 training steps 1.21x faster, Square's forward passes 1.56x, preact_resnet18
     # steps 1.01x (benchmarks/memory_format.py, RESULTS.md).
     # Values are unchanged (same maths, another summation order); `.to(device)` keeps the format,
-    # and saved weights are made contiguous (model_store.save_weights).
+    # and saved weights are made contiguous (pipeline.model_folder.save_weights).
     return model.to(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------ a stored architecture, checked
+# architecture.json may come from anywhere (a folder named on the command line, a download), so it is
+# checked key by key before anything is built. The bounds are generous for every network here and keep
+# a hostile file from asking for a network that takes minutes or all memory to build.
+ARCH_KEYS = ("name", "width", "depth", "activation", "shape", "num_classes", "mean", "std", "weights_sha256")
+# Models saved before `activation` existed lack it (built as ReLU); the digest is absent before saving.
+_OPTIONAL_KEYS = ("activation", "weights_sha256")
+_INT_BOUNDS = {"width": (1, 64), "depth": (10, 1000), "num_classes": (2, 100_000)}
+_MAX_CHANNELS, _MAX_SIDE = 64, 4096
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_JSON_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list"}
+# Values are shown short and shallow: a hostile value may be long or deeply nested.
+_short = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlong = 2, 40, 40, 40
+_short.maxlist, _short.maxdict = 4, 3
+
+
+def _show(value: object) -> str:
+    kind = "null" if value is None else _JSON_KINDS.get(type(value), "an object")
+    return f"{_short.repr(value)} ({kind})"
+
+
+def check_architecture(arch: object) -> dict[str, Any]:
+    """`arch` itself if it is a complete architecture record (as `architecture` writes it, plus an optional
+    weights_sha256) with values in range, else a ModelError naming the key and what it must be. Builds
+    nothing; the per-architecture rules (wide_resnet's 6n+4, ...) are checked by `build_model`."""
+    if not isinstance(arch, dict):
+        raise ModelError(f"expected a JSON object with the keys {', '.join(ARCH_KEYS)}; got {_show(arch)}")
+    _check_keys(arch)
+    _check_name(arch["name"])
+    for key, (low, high) in _INT_BOUNDS.items():
+        if type(arch[key]) is not int or not low <= arch[key] <= high:  # type(): true is an int in Python
+            raise ModelError(f"key '{key}' is {_show(arch[key])}; expected an integer from {low} to {high}")
+    channels = _check_shape(arch["shape"])
+    _check_per_channel("mean", arch["mean"], channels, positive=False)
+    _check_per_channel("std", arch["std"], channels, positive=True)
+    if "activation" in arch and not (isinstance(arch["activation"], str) and arch["activation"] in ACTIVATIONS):
+        raise ModelError(
+            f"key 'activation' is {_show(arch['activation'])}; expected one of {', '.join(ACTIVATIONS)} "
+            "(or no key: ReLU)"
+        )
+    sha = arch.get("weights_sha256", "")
+    if "weights_sha256" in arch and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+        raise ModelError(f"key 'weights_sha256' is {_show(sha)}; expected 64 lowercase hex digits (a sha256)")
+    return arch
+
+
+def _check_keys(arch: dict) -> None:
+    unknown = [key for key in arch if key not in ARCH_KEYS]
+    if unknown:
+        raise ModelError(
+            f"unknown key {_short.repr(unknown[0])}"
+            + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
+            + f"; an architecture has only the keys {', '.join(ARCH_KEYS)}: remove or rename it"
+        )
+    missing = [key for key in ARCH_KEYS if key not in arch and key not in _OPTIONAL_KEYS]
+    if missing:
+        raise ModelError(
+            f"missing key(s) {', '.join(repr(key) for key in missing)}; an architecture needs "
+            f"{', '.join(k for k in ARCH_KEYS if k not in _OPTIONAL_KEYS)} (as pipeline.models.architecture writes)"
+        )
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or len(name) > 64:
+        raise ModelError(f"key 'name' is {_show(name)}; expected one of {', '.join(MODELS)}")
+    try:
+        registered_name(name, MODELS, "model")
+    except ValueError as err:
+        raise ModelError(f"key 'name': {err}") from None
+
+
+def _check_shape(shape: object) -> int:
+    """The number of channels of a valid [channels, height, width] list."""
+    bounds = ((1, _MAX_CHANNELS), (1, _MAX_SIDE), (1, _MAX_SIDE))
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(type(n) is int and low <= n <= high for n, (low, high) in zip(shape, bounds, strict=True))
+    ):
+        raise ModelError(
+            f"key 'shape' is {_show(shape)}; expected [channels, height, width]: 3 integers, channels "
+            f"1-{_MAX_CHANNELS}, height and width 1-{_MAX_SIDE} (e.g. [1, 8, 8])"
+        )
+    return shape[0]
+
+
+def _check_per_channel(key: str, values: object, channels: int, *, positive: bool) -> None:
+    def ok(v: object) -> bool:
+        return type(v) in (int, float) and math.isfinite(v) and (v > 0 if positive else True)
+
+    if not (isinstance(values, list) and len(values) == channels and all(ok(v) for v in values)):
+        raise ModelError(
+            f"key '{key}' is {_show(values)}; expected a list of {channels} finite number(s)"
+            + (" > 0" if positive else "")
+            + f", one per image channel (shape[0] is {channels})"
+        )

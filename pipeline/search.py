@@ -27,7 +27,6 @@ The search file (jobs/configs/search_*.toml):
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.config import Config, ConfigError, _tables, _unknown, config_from_dict
+from pipeline.config.loading import read_toml
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys a search may not vary: they must be equal across trials for the objective to compare trials
@@ -76,12 +76,7 @@ def load_search(path: str | Path, base: Config, *, num_samples: int | None = Non
     """Read and check a search file against the run config it varies; raises ConfigError naming the
     problem (unknown key, empty choice, low > high, a value the run config refuses) before any trial."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search file '{path}' not found; examples live in jobs/configs/search_*.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, "search file", hint="examples live in jobs/configs/search_*.toml")
     try:
         return parse_search(raw, base, num_samples=num_samples, text=path.read_text())
     except ConfigError as err:

@@ -119,16 +119,49 @@ def mlflow_auth_server(tmp_path_factory):
     _stop(proc, log)
 
 
+def free_port_block() -> int:
+    """A port P with P, P+1 and P+100 unused (infra/local/start_cluster.sh gives each node ports above P)."""
+    for base in range(21000, 40000, 500):
+        try:
+            for port in (base, base + 1, base + 100):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port block")
+
+
 @pytest.fixture(scope="session")
-def ray_address():
-    """One local Ray instance (2 CPUs, loopback) for every integration test; its GCS address."""
+def port_block():
+    """A function: () -> a free port block (free_port_block)."""
+    return free_port_block
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray instance (2 CPUs, loopback) for every integration test; its GCS address.
+
+    A second Ray instance, idle, runs beside it all along, as another user's or command's would on a
+    shared machine: every training run and search here proves that advtrain's processes keep to their
+    own cluster (Ray Train's placement-group cleaner once resolved "auto", found two and died)."""
     import ray
 
     from pipeline.orchestrate.train import init_ray
 
-    init_ray(num_cpus=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    neighbour = tmp_path_factory.mktemp("neighbour-ray")
+    port = free_port_block()
+    start = [str(ROOT / "infra/local/start_cluster.sh"), "--dir", str(neighbour), "--workers", "0", "--cpus", "0"]
+    start += ["--port", str(port), "--dashboard-port", str(port + 2), "--no-mlflow"]
+    started = subprocess.run(start, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        init_ray(num_cpus=2)
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
+    finally:
+        stop = [str(ROOT / "infra/local/stop_cluster.sh"), "--dir", str(neighbour), "--grace", "2"]
+        subprocess.run(stop, capture_output=True, timeout=120)
 
 
 def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0):
@@ -162,7 +195,7 @@ def undefended(digits_path):
 @pytest.fixture(scope="session")
 def adversarially_trained(digits_path, tmp_path_factory):
     """PGD-AT small_cnn on digits (Linf eps=0.2), saved as a model folder; (model, folder)."""
-    from pipeline.tracking.model_store import save_weights
+    from pipeline.model_folder import save_weights
 
     model, arch = train_in_process(digits_path, method="pgd_at", epochs=25)
     folder = tmp_path_factory.mktemp("at-model")

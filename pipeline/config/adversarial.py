@@ -30,6 +30,7 @@ class AttackConfig(_Component):
     eps: float = Field(
         default=0.1,
         ge=0.0,
+        le=1_000.0,
         description="Radius in pixel space [0,1] (8/255 for CIFAR-10 Linf). Training attacks use eps times "
         "schedule.eps_train_factor, ramped by schedule.eps_ramp; validation, probe, test and evaluation use it as "
         "is. 0 only with method.name = standard (adversarial methods are refused).",
@@ -37,18 +38,21 @@ class AttackConfig(_Component):
     num_steps: int = Field(
         default=7,
         ge=1,
+        le=10_000,
         description="Attack iterations (PGD-K): each a forward + backward to the input per example, the main "
         "cost of training. fgsm: 1. schedule.steps_start can ramp up to it.",
     )
     step_size_factor: float = Field(
         default=2.5,
         gt=0.0,
+        le=100.0,
         description="step_size = step_size_factor * eps / num_steps, with the current (ramped) training eps: "
         "2.5 for PGD (Madry et al. 2018), 1.25 for FGSM-RS (Wong et al. 2020). free_at's per-replay step too.",
     )
     step_size: float = Field(
         default=0.0,
         ge=0.0,
+        le=1_000.0,
         description="Absolute step size in pixel units (does not follow the eps ramp); 0 = use step_size_factor.",
     )
     random_start: bool = Field(
@@ -59,6 +63,7 @@ class AttackConfig(_Component):
     num_restarts: int = Field(
         default=1,
         ge=1,
+        le=1_000,
         description="Independent attack runs per example, each from its own random start; each example keeps "
         "the strongest (misclassified if any run found one, else the highest loss). Costs num_restarts "
         "attacks. fgsm: 1.",
@@ -68,6 +73,13 @@ class AttackConfig(_Component):
     @classmethod
     def _registered(cls, value: str) -> str:
         return plugin_name("attack.name", value)
+
+    @model_validator(mode="after")
+    def _inside_pixel_space(self) -> AttackConfig:
+        # Pixels live in [0,1]: an Linf ball of radius 1 already holds every image, so more is a typo.
+        if self.norm == "linf" and self.eps > 1.0:
+            raise ValueError(f"attack.eps {self.eps} with norm linf: pixels are in [0,1], so use eps <= 1 (e.g. 8/255)")
+        return self
 
 
 class MethodConfig(_Component):
@@ -90,12 +102,14 @@ class MethodConfig(_Component):
     beta: float = Field(
         default=6.0,
         ge=0.0,
+        le=1_000.0,
         description="trades / mart: weight of the robustness regulariser, the KL divergence between clean and "
         "adversarial predictions (6 in both papers; trades with 0 is standard training). Other methods ignore it.",
     )
     replays: int = Field(
         default=4,
         ge=1,
+        le=100,
         description="free_at: minibatch replays m (each an optimizer step); set run.epochs = N / m. Other methods "
         "ignore it.",
     )
@@ -116,6 +130,7 @@ class MethodConfig(_Component):
     co_fallback_steps: int = Field(
         default=2,
         ge=2,
+        le=1_000,
         description="PGD steps after a collapse (at least; multi-step methods use max(this, 2 x "
         "attack.num_steps)); the fallback attack is PGD with random start and step 2.5 * eps / steps.",
     )
@@ -131,6 +146,7 @@ class MethodConfig(_Component):
     awp_warmup_epochs: int = Field(
         default=0,
         ge=0,
+        le=100_000,
         description="Epochs trained without the weight perturbation before awp_gamma applies. Nets without "
         "BatchNorm need at least 1: from the first step, AWP held small_cnn at chance on Fashion-MNIST (the "
         "fixed-size perturbation outweighs the tiny gradient of the initial plateau).",
@@ -156,6 +172,7 @@ class ScheduleConfig(_Component):
     eps_ramp_epochs: float = Field(
         default=0.0,
         ge=0.0,
+        le=100_000,
         description="linear / cosine: epochs (fractions allowed) over which eps grows from 0; 0 = no ramp.",
     )
     eps_milestones: list[list[float]] = Field(
@@ -174,12 +191,14 @@ class ScheduleConfig(_Component):
     steps_start: int = Field(
         default=0,
         ge=0,
+        le=10_000,
         description="Attack steps in epoch 1, growing linearly to attack.num_steps over schedule.steps_ramp_epochs "
         "(cheap early epochs); 0 = attack.num_steps throughout.",
     )
     steps_ramp_epochs: float = Field(
         default=0.0,
         ge=0.0,
+        le=100_000,
         description="Epochs to grow steps_start -> attack.num_steps (steps change once per epoch); 0 = no ramp.",
     )
 
@@ -200,7 +219,7 @@ class ValidationConfig(_Component):
     attack.norm, on the weights that would ship (the average when on). keep_best picks its best epoch;
     the final test robust accuracy uses the same attack."""
 
-    num_steps: int = Field(default=20, ge=1, description="PGD steps of the validation and test attack.")
+    num_steps: int = Field(default=20, ge=1, le=10_000, description="PGD steps of the validation and test attack.")
     step_size_factor: float = Field(
         default=2.5,
         gt=0.0,
@@ -214,6 +233,7 @@ class ValidationConfig(_Component):
     num_examples: int = Field(
         default=0,
         ge=0,
+        le=100_000_000,
         description="Validation examples (the first N of the val split, divided among the workers), and the test "
         "examples of the final robust accuracy (clean test accuracy always uses the whole split). 0 = the "
         "whole split.",
@@ -221,5 +241,6 @@ class ValidationConfig(_Component):
     batch_size: int = Field(
         default=256,
         ge=1,
+        le=65_536,
         description="Examples per batch for validation, the probe and test (per worker).",
     )

@@ -14,8 +14,9 @@ __all__ = ["PLUGIN_NAMES", "ConfigError", "plugin_name", "registered_name"]
 
 
 class _Component(BaseModel):
-    # strict: TOML already gives typed values, so "yes" must not become True nor 2.5 become 2.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # strict: TOML already gives typed values, so "yes" must not become True nor 2.5 become 2. No inf or nan
+    # anywhere: TOML has both literals, and an infinite eps or learning rate passes every lower bound.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def registered_name(value: str, names: Iterable[str], kind: str) -> str:

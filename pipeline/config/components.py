@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.adversarial import AttackConfig, MethodConfig, ScheduleConfig, ValidationConfig
 from pipeline.config.base import _Component, plugin_name
+from pipeline.errors import checked_alias, checked_name
 
 
 class RunConfig(_Component):
@@ -26,6 +27,7 @@ class RunConfig(_Component):
     epochs: int = Field(
         default=10,
         ge=1,
+        le=100_000,
         description="Training epochs: passes over the train split, each followed by validation, the collapse "
         "probe and a checkpoint; the LR schedule spans them. free_at steps each minibatch `method.replays` "
         "times, so an epoch costs about that many clean epochs: set N / m.",
@@ -33,6 +35,7 @@ class RunConfig(_Component):
     seed: int = Field(
         default=0,
         ge=0,
+        le=2**32 - 1,
         description="Base seed: initial weights (the same on every rank), the in-memory loader's data order, and "
         "per epoch and rank the attacks' random starts and augmentation (seed * 1000003 + epoch * 1009 + rank), "
         "so a resumed epoch replays exactly; also seeds the probe and test attacks. Saved with every checkpoint "
@@ -69,6 +72,12 @@ class RunConfig(_Component):
         "catastrophic-overfitting probe watches the trained ones. Checkpoints hold both.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # The name becomes a folder under run.storage_path and an MLflow filter value.
+        return value and checked_name(value, "run.name")
+
 
 class DataConfig(_Component):
     """The dataset (a folder written by `advtrain data prepare`) and how each worker reads its shard."""
@@ -89,6 +98,7 @@ class DataConfig(_Component):
     batch_size: int = Field(
         default=128,
         ge=1,
+        le=65_536,
         description="Examples per worker per step: the global batch is scaling.num_workers times this (optim.lr "
         "is not scaled with it).",
     )
@@ -100,6 +110,7 @@ class DataConfig(_Component):
     memory_limit_mb: float = Field(
         default=2048.0,
         gt=0,
+        le=16_777_216,
         description="MiB. With data.loader = auto, the train split is streamed through Ray Data when its size as "
         "float32 (N x C x H x W x 4 bytes) exceeds this, and held in each worker's memory otherwise.",
     )
@@ -119,6 +130,7 @@ class ModelConfig(_Component):
     width: int = Field(
         default=1,
         ge=1,
+        le=64,
         description="Width multiplier: channels times this for small_cnn (32/64 conv channels, 200 hidden) and "
         "preact_resnet18 (64 base channels); wide_resnet's k (10 for WRN-34-10). Compute grows about as its "
         "square.",
@@ -126,6 +138,7 @@ class ModelConfig(_Component):
     depth: int = Field(
         default=16,
         ge=10,
+        le=1_000,
         description="wide_resnet only: layers, 6n+4 (16, 28, 34; checked when the model is built), "
         "e.g. 34 for WRN-34-10 (Madry et al., TRADES). The other architectures ignore it.",
     )
@@ -154,12 +167,14 @@ class OptimConfig(_Component):
     lr: float = Field(
         default=0.05,
         gt=0.0,
+        le=10.0,
         description="Base learning rate (the peak for onecycle), the same for any number of workers or batch size.",
     )
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd momentum; adam ignores it.")
     weight_decay: float = Field(
         default=5e-4,
         ge=0.0,
+        le=1.0,
         description="L2 penalty the optimizer adds to every parameter's gradient (5e-4 is the usual CIFAR-10 "
         "setting); 0 = none.",
     )
@@ -193,6 +208,7 @@ class ScalingConfig(_Component):
     num_workers: int = Field(
         default=2,
         ge=1,
+        le=4_096,
         description="Ray Train workers (DDP ranks), each attacking its own shard with its own replica; "
         "gradients are all-reduced. A Tune trial uses this many too.",
     )
@@ -203,12 +219,14 @@ class ScalingConfig(_Component):
     cpus_per_worker: float = Field(
         default=1.0,
         gt=0.0,
+        le=1_024,
         description="CPUs Ray reserves per worker, and torch's intra-op threads (its integer part, at least 1). "
         "Fractions let workers share CPUs, e.g. 0.5 to leave room for Ray Data's read tasks.",
     )
     max_failures: int = Field(
         default=0,
         ge=-1,
+        le=10_000,
         description="Worker-group restarts; -1 = no limit. Ray Train replaces a group that lost a worker or a "
         "node this many times, resuming from the last checkpoint; 0 = the first failure fails the run.",
     )
@@ -237,6 +255,17 @@ class TrackingConfig(_Component):
         description="Alias moved to each newly registered version (empty: none). Not `champion`: only "
         "`advtrain promote` sets it, through its gates.",
     )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _safe_model_name(cls, value: str) -> str:
+        # Checked before training: MLflow would refuse it only at registration, after the whole run.
+        return value and checked_name(value, "tracking.registered_model")
+
+    @field_validator("alias")
+    @classmethod
+    def _mlflow_alias(cls, value: str) -> str:
+        return value and checked_alias(value, "tracking.alias")
 
     @model_validator(mode="after")
     def _not_champion(self) -> TrackingConfig:

@@ -66,12 +66,19 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
+    except RecursionError:
+        raise ConfigError(f"override '{key}': the value is nested too deeply to be a config value") from None
     return key, value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for table, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{table}] must be a table of keys, got {values!r}")
     merged = {table: dict(values) for table, values in raw.items()}
     for key, value in overrides.items():
+        if key.count(".") != 1:
+            raise ConfigError(f"override key '{key}' must be table.key, e.g. attack.eps")
         table, name = key.split(".", 1)
         merged.setdefault(table, {})[name] = value
     return merged
@@ -88,19 +95,29 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read a TOML run file and apply dotted overrides; raises ConfigError naming the bad key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; the recipes live in jobs/configs/")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, "config file", hint="the recipes live in jobs/configs/")
     if isinstance(overrides, list):
         overrides = dict(parse_override(item) for item in overrides)
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def read_toml(path: str | Path, what: str, *, hint: str = "") -> dict[str, Any]:
+    """A TOML file as a dict, or a ConfigError naming the file: missing, not UTF-8 text, not TOML, or
+    nested too deeply to parse (tomllib recurses per level)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' not found" + (f"; {hint}" if hint else ""))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); give a TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config (tables and arrays a few levels deep)") from None
 
 
 def flat_params(config: Config) -> dict[str, Any]:

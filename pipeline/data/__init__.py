@@ -7,8 +7,13 @@ A prepared dataset is a folder::
     train/part-00000.parquet columns image: fixed_size_binary(C*H*W) of uint8 pixels, label: int64
     val/...  test/...
 
-- `format`: the schema, DatasetInfo, DataError, write_dataset, read_metadata/read_file (every check
-  applied), validate_dataset. numpy and pyarrow only.
+- `metadata`: metadata.json's strict schema (pydantic, unknown keys and wrong types refused) and its
+  consistency checks (class names, channel statistics, file names inside the folder).
+- `format`: the Parquet schema, DatasetInfo, DataError, read_metadata/read_file (every check
+  applied), validate_dataset. numpy and pyarrow.
+- `writing`: write_dataset, all or nothing (a failed write leaves `--out` as it was).
+- `readers`: the source files (IDX, CIFAR-10 python batches via a restricted unpickler, .npz without
+  pickles), each read as if hostile.
 - `sources`: SOURCES, the registry of what `advtrain data prepare` reads (digits, Fashion-MNIST IDX,
   CIFAR-10 python batches, .npz).
 - `shards`: what a worker holds: load_split (float32 in [0,1]), decode_batch (Ray Data batches),
@@ -17,18 +22,8 @@ A prepared dataset is a folder::
 Nothing here imports ray: the Ray Data path lives in pipeline.orchestrate.train.
 """
 
-from pipeline.data.format import (
-    FORMAT_VERSION,
-    METADATA_FILE,
-    SPLITS,
-    DataError,
-    DatasetInfo,
-    read_file,
-    read_metadata,
-    sha256_file,
-    validate_dataset,
-    write_dataset,
-)
+from pipeline.data.format import DataError, DatasetInfo, read_file, read_metadata, sha256_file, validate_dataset
+from pipeline.data.metadata import FORMAT_VERSION, METADATA_FILE, SPLITS
 from pipeline.data.shards import decode_batch, load_split, shard_indices, to_float, train_bytes_as_float
 from pipeline.data.sources import (
     CIFAR10_CLASSES,
@@ -41,6 +36,7 @@ from pipeline.data.sources import (
     prepare_fashion_mnist,
     prepare_npz,
 )
+from pipeline.data.writing import write_dataset
 
 __all__ = [
     "CIFAR10_CLASSES",

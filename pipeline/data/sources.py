@@ -1,23 +1,23 @@
 """Dataset sources, one registry: SOURCES maps the name `advtrain data prepare NAME` takes to a SourceSpec.
 
-Each source turns its own files into the project's format (pipeline.data.format.write_dataset): uint8
+Each source turns its own files into the project's format (pipeline.data.writing.write_dataset): uint8
 (N,C,H,W) images, int64 labels, train/val/test. Adding a source = a `prepare_*` function + one entry
-in SOURCES + a test; the CLI offers every entry.
+in SOURCES + a test; the CLI offers every entry. The files themselves are parsed by
+pipeline.data.readers; here they are checked as a whole (images and labels pair up, the validation
+split fits) before write_dataset writes anything.
 """
 
 from __future__ import annotations
 
-import gzip
-import pickle
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
-from pipeline.data.format import DataError, DatasetInfo, write_dataset
+from pipeline.data.format import DataError, DatasetInfo, check_labels
+from pipeline.data.readers import read_cifar_batch, read_idx, read_npz
+from pipeline.data.writing import write_dataset
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -95,31 +95,53 @@ def prepare_digits(out: str | Path, *, seed: int = 0) -> DatasetInfo:
     )
 
 
+def _pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+    """One label per image: a count mismatch is refused, never truncated to the shorter."""
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels; one label per image")
+
+
+def _carve_val(
+    train: tuple[np.ndarray, np.ndarray], fraction: float, *, seed: int, where: str, fix: str
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The stratified train/val split of `train`, refused unless both parts keep at least one image."""
+    rest, val = _split_off(*train, fraction, seed)
+    if len(val[1]) == 0 or len(rest[1]) == 0:
+        raise DataError(
+            f"{where}: {len(train[1])} training images leave {len(rest[1])} for training and {len(val[1])} for "
+            f"validation (fraction {fraction:.3g}); {fix}"
+        )
+    return rest, val
+
+
+def _val_fraction(num_train: int, val_size: int, where: str) -> float:
+    if not 0 < val_size < num_train:
+        raise DataError(
+            f"{where}: {num_train} training images, but the validation split takes {val_size} and training "
+            "needs the rest; pass the complete files or a val_size between 1 and the number of training images"
+        )
+    return val_size / num_train
+
+
 # --------------------------------------------------------------------------- Fashion-MNIST (IDX files)
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read IDX file: {err}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but has {data.size}")
-    return data.reshape(dims)
 
 
 def _find(source: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
-        if (source / name).exists():
+        if (source / name).is_file():
             return source / name
     raise DataError(f"{source}: missing {stem}(.gz); expected the four Fashion-MNIST IDX files there")
+
+
+def _idx_split(source: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """`prefix`-images / `prefix`-labels -> (uint8 (N,1,H,W), int64 labels), counts and labels checked."""
+    images_file = _find(source, f"{prefix}-images-idx3-ubyte")
+    labels_file = _find(source, f"{prefix}-labels-idx1-ubyte")
+    images = read_idx(images_file, ndim=3)[:, None]
+    labels = read_idx(labels_file, ndim=1).astype(np.int64)
+    _pair(images, labels, f"{images_file} / {labels_file.name}")
+    check_labels(labels, len(FASHION_MNIST_CLASSES), str(labels_file))
+    return images, labels
 
 
 def prepare_fashion_mnist(source: str | Path, out: str | Path, *, val_size: int = 5000, seed: int = 0) -> DatasetInfo:
@@ -130,14 +152,14 @@ def prepare_fashion_mnist(source: str | Path, out: str | Path, *, val_size: int 
             f"{source}: not a folder. Debian's package dataset-fashion-mnist puts the IDX files in "
             "/usr/share/datasets/fashion-mnist"
         )
-    x_train = _read_idx(_find(source, "train-images-idx3-ubyte"))[:, None]
-    y_train = _read_idx(_find(source, "train-labels-idx1-ubyte")).astype(np.int64)
-    x_test = _read_idx(_find(source, "t10k-images-idx3-ubyte"))[:, None]
-    y_test = _read_idx(_find(source, "t10k-labels-idx1-ubyte")).astype(np.int64)
-    train, val = _split_off(x_train, y_train, val_size / len(y_train), seed)
+    x_train, y_train = _idx_split(source, "train")
+    test = _idx_split(source, "t10k")
+    where = f"{source} (train-*-ubyte)"
+    fraction = _val_fraction(len(y_train), val_size, where)
+    train, val = _carve_val((x_train, y_train), fraction, seed=seed, where=where, fix="pass a larger val_size")
     return write_dataset(
         out,
-        {"train": train, "val": val, "test": (x_test, y_test)},
+        {"train": train, "val": val, "test": test},
         class_names=FASHION_MNIST_CLASSES,
         source=f"fashion-mnist:{source}",
     )
@@ -146,66 +168,21 @@ def prepare_fashion_mnist(source: str | Path, out: str | Path, *, val_size: int 
 # --------------------------------------------------------------------------- CIFAR-10 (python batches)
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """The CIFAR-10 "python version" batches are pickles of {b'data': uint8 array, b'labels': [...]}.
-    A pickle can name any callable; this one resolves only what rebuilding numpy arrays needs, so a
-    tampered batch file fails instead of running code."""
-
-    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("_codecs", "encode"),
-        }
-    )
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise DataError(f"refusing to load {module}.{name} from a CIFAR-10 batch: it holds only arrays and lists")
-        return super().find_class(module, name)
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DataError(
-            f"{path}: missing. --source must be the extracted 'cifar-10-batches-py' folder "
-            f"(data_batch_1..5 and test_batch)"
-        )
-    try:
-        with path.open("rb") as f:
-            batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({err})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels'")
-    data = np.asarray(batch[b"data"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
 def prepare_cifar10(source: str | Path, out: str | Path, *, val_size: int = 5000, seed: int = 0) -> DatasetInfo:
     """CIFAR-10's python batches (the extracted cifar-10-batches-py folder) -> 3x32x32; val carved from train."""
     source = Path(source)
     if not source.is_dir():
         raise DataError(f"{source}: not a folder; pass the extracted cifar-10-batches-py folder")
-    parts = [_read_cifar_batch(source / name) for name in CIFAR10_TRAIN_BATCHES]
+    num_classes = len(CIFAR10_CLASSES)
+    parts = [read_cifar_batch(source / name, num_classes=num_classes) for name in CIFAR10_TRAIN_BATCHES]
     x_train = np.concatenate([x for x, _ in parts])
     y_train = np.concatenate([y for _, y in parts])
-    x_test, y_test = _read_cifar_batch(source / "test_batch")
-    train, val = _split_off(x_train, y_train, val_size / len(y_train), seed)
+    test = read_cifar_batch(source / "test_batch", num_classes=num_classes)
+    where = f"{source} (data_batch_1..5)"
+    fraction = _val_fraction(len(y_train), val_size, where)
+    train, val = _carve_val((x_train, y_train), fraction, seed=seed, where=where, fix="pass a larger val_size")
     return write_dataset(
-        out,
-        {"train": train, "val": val, "test": (x_test, y_test)},
-        class_names=CIFAR10_CLASSES,
-        source=f"cifar10:{source}",
+        out, {"train": train, "val": val, "test": test}, class_names=CIFAR10_CLASSES, source=f"cifar10:{source}"
     )
 
 
@@ -223,40 +200,55 @@ def _nchw(images: np.ndarray, where: str) -> np.ndarray:
     raise DataError(f"{where}: images must be (N,H,W), (N,C,H,W) or (N,H,W,C) with C in 1/3, got {images.shape}")
 
 
+def _npz_split(arrays: dict[str, np.ndarray], split: str, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x_SPLIT / y_SPLIT -> (uint8 (N,C,H,W), int64 labels); shapes, dtypes and counts checked."""
+    where = f"{source} [{split}]"
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if x.ndim not in (3, 4) or len(x) == 0:
+        raise DataError(f"{where}: x_{split} must be a non-empty (N,H,W), (N,C,H,W) or (N,H,W,C) array, got {x.shape}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{where}: y_{split} must be one label per image, shape (N,), got {y.shape}")
+    _pair(x, y, f"{where}: x_{split} / y_{split}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers, got {y.dtype}")
+    return _nchw(_to_uint8(x, where), where), y.astype(np.int64)
+
+
+def _npz_class_names(arrays: dict[str, np.ndarray], source: Path, labels: list[np.ndarray]) -> list[str]:
+    """The archive's `class_names` (a 1-D str or int array), else 0..max label."""
+    if "class_names" not in arrays:
+        return [str(c) for c in range(int(max(y.max() for y in labels)) + 1)]
+    names = arrays["class_names"]
+    if names.ndim != 1 or names.dtype.kind not in "Uiu":
+        raise DataError(
+            f"{source}: class_names must be a 1-D str array (np.array([...], dtype=str)), "
+            f"got {names.dtype} {names.shape}"
+        )
+    return [str(c) for c in names.tolist()]
+
+
 def prepare_npz(source: str | Path, out: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> DatasetInfo:
     """A generic .npz: x_train/y_train/x_test/y_test (optional x_val/y_val, class_names).
 
     Images may be uint8 in [0,255] or floats in [0,1]; layout (N,H,W), (N,C,H,W) or (N,H,W,C).
     """
     source = Path(source)
-    if not source.is_file():
-        raise DataError(f"{source}: no such .npz file")
-    try:
-        npz = np.load(source, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{source}: not a readable .npz ({err})") from None
+    arrays = read_npz(source)
     needed = ["x_train", "y_train", "x_test", "y_test"]
-    missing = [k for k in needed if k not in npz.files]
+    if "x_val" in arrays or "y_val" in arrays:
+        needed += ["x_val", "y_val"]
+    missing = [k for k in needed if k not in arrays]
     if missing:
-        raise DataError(f"{source}: missing arrays {missing}; found {npz.files}; needs {needed}")
-
-    def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-        where = f"{source} [{split}]"
-        x = _nchw(_to_uint8(npz[f"x_{split}"], where), where)
-        y = npz[f"y_{split}"].reshape(-1)
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{where}: labels must be integers, got {y.dtype}")
-        return x, y.astype(np.int64)
-
-    train, test = arrays("train"), arrays("test")
-    if "x_val" in npz.files:
-        val = arrays("val")
+        raise DataError(f"{source}: missing arrays {missing}; found {sorted(arrays)}; needs {needed}")
+    train, test = _npz_split(arrays, "train", source), _npz_split(arrays, "test", source)
+    if "x_val" in arrays:
+        val = _npz_split(arrays, "val", source)
     else:
-        train, val = _split_off(*train, val_fraction, seed)
-    if "class_names" in npz.files:
-        class_names = [str(c) for c in npz["class_names"]]
-    else:
-        class_names = [str(c) for c in range(int(max(train[1].max(), test[1].max())) + 1)]
+        fix = "add x_val/y_val arrays or more training images"
+        train, val = _carve_val(train, val_fraction, seed=seed, where=f"{source} [train]", fix=fix)
+    class_names = _npz_class_names(arrays, source, [train[1], val[1], test[1]])
     return write_dataset(
         out, {"train": train, "val": val, "test": test}, class_names=class_names, source=f"npz:{source}"
     )

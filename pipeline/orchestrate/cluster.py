@@ -4,6 +4,7 @@ that calls ray.init."""
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -31,9 +32,17 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Every process of this instance must know that it is its cluster: Ray Train's placement-group
+        # cleaner (a detached actor) asks the state API, which otherwise resolves the cluster as "auto"
+        # and, with a second Ray instance on the machine, dies ("Found multiple active Ray instances")
+        # or follows /tmp/ray's pointer to the other one; stopped trials' placement groups then leak and
+        # a search waits forever for CPUs. Its processes inherit this environment at start.
+        dashboard_port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         # Loopback only: a local instance has no business on the machine's network interfaces. The
         # dashboard is what lets Ray free stopped runs' placement groups (shared/NOTES).
         ray.init(
+            dashboard_port=dashboard_port,
             # "local": a new instance even when a `ray start` cluster on this machine (or a stale pointer
             # to one in /tmp/ray) exists; clusters are joined only through an explicit address.
             address="local",
@@ -45,6 +54,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             log_to_driver=True,
             _node_ip_address="127.0.0.1",
         )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_ray_data_cpus(config: Config) -> None:

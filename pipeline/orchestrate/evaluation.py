@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import ray
 import torch
 
 from pipeline import data as data_lib
+from pipeline.errors import InputError
 from pipeline.evaluate import (
     PROTOCOLS,
     ChunkResult,
@@ -58,12 +60,34 @@ def _sanity_task(model_ref, x, y, **kwargs) -> dict[str, Any]:
     return sanity_checks(_rebuild(arch, state), x, y, **kwargs)
 
 
+def check_evaluation_request(
+    *, split: str, eps: float | None, num_examples: int, out_dir: str | Path | None, protocol: str = "standard"
+) -> None:
+    """Refuse an impossible request before anything is loaded or started (InputError naming the option)."""
+    if split not in data_lib.SPLITS:
+        raise InputError(f"--split {split!r}: use one of {', '.join(data_lib.SPLITS)}")
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        raise InputError(f"--eps {eps!r}: a finite radius >= 0 in pixel space [0,1] (e.g. --eps 0.1)")
+    if num_examples < 0:
+        raise InputError(f"--num-examples {num_examples}: the first N examples of the split, N >= 0 (0 = all)")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"--out {out_dir}: is a file; give a folder for the report (it is created if missing)")
+
+
 def _threat_model(params: dict[str, str], norm: str | None, eps: float | None) -> tuple[str, float]:
     """The threat model to evaluate under: the one given, else the one the model was trained for."""
     norm = norm or params.get("attack.norm")
-    eps = eps if eps is not None else (float(params["attack.eps"]) if "attack.eps" in params else None)
-    if norm not in ("linf", "l2") or eps is None or eps < 0:
-        raise ValueError(f"threat model unknown or invalid (norm={norm!r}, eps={eps!r}): pass --norm linf|l2 --eps E")
+    if eps is None and "attack.eps" in params:
+        try:
+            eps = float(params["attack.eps"])
+        except ValueError:
+            eps = None
+    if norm not in ("linf", "l2") or eps is None or not (math.isfinite(eps) and eps >= 0):
+        raise InputError(f"threat model unknown or invalid (norm={norm!r}, eps={eps!r}): pass --norm linf|l2 --eps E")
+    if norm == "linf" and eps > 1:
+        raise InputError(f"--eps {eps}: an Linf radius above 1 covers all of pixel space [0,1]; use eps <= 1")
     return norm, eps
 
 
@@ -131,17 +155,16 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Evaluate on the connected Ray cluster; returns the report (also written to `out_dir`)."""
     started = time.perf_counter()
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")
+    check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out_dir, protocol=protocol)
     resolved = model_store.resolve_model(model_uri, tracking_uri=tracking_uri)
     params = tracking.run_params(resolved.tracking_uri, resolved.run_id) if resolved.run_id else {}
     data_path = data_path or params.get("data.path")
     if not data_path:
-        raise ValueError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
+        raise InputError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
     norm, eps = _threat_model(params, norm, eps)
     info = data_lib.read_metadata(data_path)
     if list(info.shape) != list(resolved.architecture["shape"]):
-        raise ValueError(f"{data_path}: images {info.shape} but the model expects {resolved.architecture['shape']}")
+        raise InputError(f"{data_path}: images {info.shape} but the model expects {resolved.architecture['shape']}")
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
 
     model_ref = ray.put((resolved.architecture, resolved.model.state_dict()))

@@ -5,6 +5,7 @@ this module only reads the layout and writes the marker."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pyarrow.fs
 
 from pipeline.config import Config
+from pipeline.errors import checked_name
 
 FINISHED_MARKER = "advtrain_finished.json"
 
@@ -36,6 +38,7 @@ def absolute_locations(config: Config, base: Path) -> tuple[Path, str]:
 
 
 def _run_dir(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    checked_name(name, "run name")  # the one place a name becomes a path: never '..', '/' or a quote
     fs, base = _fs_and_path(storage)
     return fs, f"{base.rstrip('/')}/{name}"
 
@@ -63,6 +66,9 @@ def finished_run_record(storage: str, name: str) -> dict[str, Any] | None:
 
 
 def unique_run_name(prefix: str = "run") -> str:
+    """`<prefix>-<YYYYmmdd-HHMMSS>-<4 hex digits>`; the prefix (a config file's stem) cut down to what
+    names allow."""
+    prefix = re.sub(r"[^A-Za-z0-9._-]+", "-", prefix).strip("._-")[:80] or "run"
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 

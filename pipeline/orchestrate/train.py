@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, flat_params, to_toml
+from pipeline.errors import checked_name
 from pipeline.models import architecture
 from pipeline.orchestrate.cluster import TRIAL_DRIVER_RESOURCE, check_ray_data_cpus, init_ray
 from pipeline.orchestrate.storage import (
@@ -93,6 +94,8 @@ class _Run:
 
 def _resolve_run(config: Config, *, config_name: str, resume: str | None, base: Path) -> _Run:
     """Validate the data, name the run and check that the name fits what is asked (new or resumed)."""
+    if resume is not None:
+        checked_name(resume, "--resume")
     data_path, storage = absolute_locations(config, base)
     info = data_lib.validate_dataset(data_path)
     name = resume or config.run.name or unique_run_name(config_name)

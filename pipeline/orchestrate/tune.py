@@ -22,6 +22,7 @@ import ray
 from ray import tune
 
 from pipeline.config import Config, ConfigError, config_from_dict, to_toml
+from pipeline.errors import checked_name
 
 # load_search and format_table are re-exported: the CLI's `tune` command reads the search file and
 # prints the table through this module.
@@ -202,6 +203,8 @@ def _search_path(config: Config, name: str) -> str:
 def _search_name(config: Config, name: str | None, *, resume: bool, config_name: str) -> str:
     """The search's name: the given one to resume (it must exist), else a new one (it must not exist)."""
     storage = config.run.storage_path
+    if name is not None:
+        checked_name(name, "--name")
     if resume:
         if not name:
             raise ConfigError("--resume needs the search's name (--name NAME, printed when it started)")

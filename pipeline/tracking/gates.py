@@ -8,15 +8,16 @@ moves the alias only when every gate passes (pipeline.tracking.registry).
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.config.base import registered_name
+from pipeline.config.loading import read_toml
 from pipeline.tracking import model_store
 from pipeline.tracking.runs import TrackingError
 
@@ -26,25 +27,32 @@ __all__ = ["GATES", "Gate", "GateInputs", "PromotionPolicy", "check_gates", "loa
 class PromotionPolicy(BaseModel):
     """Gate thresholds (a TOML file with these keys; see jobs/configs/promotion.toml)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
     protocol: str = Field(default="standard", description="Evidence must come from this evaluation protocol.")
     margin: float = Field(default=0.0, ge=0.0, le=1.0, description="Robust accuracy must beat the champion's by this.")
     clean_floor: float = Field(default=0.5, ge=0.0, le=1.0, description="Minimum clean accuracy.")
     require_sanity: bool = True
     min_examples: int = Field(default=100, ge=1, description="Evidence must cover at least this many examples.")
 
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        # A protocol no evaluation runs would refuse every version, whatever its evidence.
+        from pipeline.evaluate import PROTOCOLS
+
+        return registered_name(value, PROTOCOLS, "evaluation protocol")
+
 
 def load_policy(path: str | Path | None) -> PromotionPolicy:
     """The policy in the TOML file at `path` (the defaults for None); TrackingError names a bad file."""
     if path is None:
         return PromotionPolicy()
-    path = Path(path)
-    if not path.is_file():
-        raise TrackingError(f"promotion policy '{path}' not found")
+    raw = read_toml(path, "promotion policy", hint="see jobs/configs/promotion.toml")
     try:
-        return PromotionPolicy.model_validate(tomllib.loads(path.read_text()))
-    except (tomllib.TOMLDecodeError, ValidationError) as err:
-        raise TrackingError(f"{path}: invalid promotion policy: {err}") from None
+        return PromotionPolicy.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in err.errors())
+        raise TrackingError(f"{path}: invalid promotion policy: {problems}") from None
 
 
 @dataclass

@@ -6,7 +6,6 @@ run and registered as a version, wrapped in an MLflow "models from code" pyfunc 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import warnings
@@ -19,55 +18,20 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.data import sha256_file
-from pipeline.models import build_model
+from pipeline.errors import ModelError
+from pipeline.model_folder import (
+    ARCH_FILE,
+    WEIGHTS_FILE,
+    load_folder,
+    model_files,
+    save_weights,
+)
 from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
-WEIGHTS_FILE = "model.safetensors"
-ARCH_FILE = "architecture.json"
 PYFUNC_SCRIPT = Path(__file__).with_name("pyfunc.py")
-
-
-def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
-    """Write model.safetensors + architecture.json to `folder`; returns the weights' sha256."""
-    folder.mkdir(parents=True, exist_ok=True)
-    # contiguous: safetensors stores dense row-major tensors only, and conv weights are channels_last.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    digest = sha256_file(folder / WEIGHTS_FILE)
-    (folder / ARCH_FILE).write_text(json.dumps({**arch, "weights_sha256": digest}, indent=2))
-    return digest
-
-
-def _load_folder(folder: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str, dict]:
-    folder = Path(folder)
-    weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
-    arch_file = next(iter(sorted(folder.rglob(ARCH_FILE))), None)
-    if weights is None or arch_file is None:
-        raise TrackingError(f"{folder}: no {WEIGHTS_FILE} / {ARCH_FILE}; is this an advtrain model?")
-    arch = json.loads(arch_file.read_text())
-    expected = expected_sha256 or arch.get("weights_sha256")
-    digest = sha256_file(weights)
-    if expected and digest != expected:
-        raise TrackingError(
-            f"{weights}: sha256 {digest[:16]}... does not match the recorded {expected[:16]}...; "
-            "the weights changed after they were registered: refusing to load them"
-        )
-    model = build_model(arch)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval(), digest, arch
-
-
-def load_weights(folder: str | Path, *, expected_sha256: str | None = None) -> nn.Module:
-    """Rebuild the network from a folder with architecture.json + model.safetensors (no unpickling).
-
-    Verifies the weights' sha256 against `expected_sha256` (e.g. the registry tag) or, failing that,
-    the one recorded in architecture.json. Returns the model in eval mode on CPU.
-    """
-    return _load_folder(folder, expected_sha256=expected_sha256)[0]
 
 
 def log_and_register_model(
@@ -191,10 +155,13 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> Resolve
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model` or a local folder -> the model.
 
     Eval mode, CPU; the weights' sha256 is checked against the registry's `weights_sha256` tag when the
-    URI names a registered version (else against architecture.json); never unpickles.
+    URI names a registered version (else against architecture.json: a local folder without a recorded
+    digest is refused); never unpickles. A folder holds architecture.json and model.safetensors, or
+    MLflow's layout of them under artifacts/; nothing deeper is searched.
     """
-    if Path(model_uri).exists():
-        model, digest, arch = _load_folder(model_uri)
+    if not model_uri.startswith(("models:/", "runs:/")):
+        # A folder (or a typo): answered without creating a tracking store or calling a server.
+        model, digest, arch = load_folder(model_uri)
         return ResolvedModel(model, digest, arch)
     uri = resolve_tracking_uri(tracking_uri or "")
     client = client_for(uri)
@@ -208,19 +175,15 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> Resolve
         # The version's own artifact location: a models:/ URI would be resolved against the default
         # registry (MLFLOW_REGISTRY_URI / ./mlflow.db), not the tracking URI given here.
         source = client.get_model_version_download_uri(name, version.version)
-    elif model_uri.startswith("runs:/"):
+    else:
         run_id, _, name_in_run = model_uri[len("runs:/") :].partition("/")
         source = _logged_model_location(client, run_id, name_in_run or "model", model_uri)
-    else:
-        raise TrackingError(
-            f"'{model_uri}': expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
-        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
         except MlflowException as err:
             raise TrackingError(f"{model_uri}: cannot download the model ({err.message})") from None
-        model, digest, arch = _load_folder(local, expected_sha256=expected)
+        model, digest, arch = load_folder(local, expected_sha256=expected)
     return ResolvedModel(model, digest, arch, name, version_number, run_id, uri)
 
 
@@ -281,7 +244,8 @@ def stored_weights_sha256(uri: str, name: str, version: str) -> str:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
         except MlflowException as err:
             raise TrackingError(f"{name}/{version}: cannot download the stored model ({err.message})") from None
-        weights = next(iter(sorted(local.rglob(WEIGHTS_FILE))), None)
-        if weights is None:
-            raise TrackingError(f"{name}/{version}: no {WEIGHTS_FILE} in the stored model")
+        try:
+            weights = model_files(local)[1]
+        except ModelError as err:
+            raise TrackingError(f"{name}/{version}: the stored model is incomplete: {err}") from None
         return sha256_file(weights)

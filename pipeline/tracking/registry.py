@@ -11,38 +11,53 @@ numbers) as version tags and in the registered model's history.
 Promotions and rollbacks of one registered model are serialised by a lock that lives in the registry
 itself: creating the registered model `<name>.promotion-lock` succeeds for exactly one process (the
 tracking store's unique name constraint), from any machine. A lock older than `LOCK_STALE_S` (a
-crashed holder) is broken. Talks to MLflow through pipeline.tracking.runs's client.
+crashed holder) is broken (pipeline.tracking.promotion_lock). Every write of a promotion or rollback is
+computed before the first one, and a failure part-way undoes the writes before it. Talks to MLflow
+through pipeline.tracking.runs's client.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
-    RESOURCE_ALREADY_EXISTS,
+    PERMISSION_DENIED,
     RESOURCE_DOES_NOT_EXIST,
-    TEMPORARILY_UNAVAILABLE,
+    UNAUTHENTICATED,
     ErrorCode,
 )
 
+from pipeline.errors import checked_alias, checked_name
 from pipeline.tracking.gates import Gate, PromotionPolicy, check_gates, load_policy
 from pipeline.tracking.model_store import load_model
+from pipeline.tracking.promotion_lock import LOCK_SUFFIX, PromotionLock
 from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
-__all__ = ["PromotionPolicy", "list_versions", "load_model", "load_policy", "promote", "rollback", "show"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LOCK_SUFFIX",
+    "PromotionPolicy",
+    "list_versions",
+    "load_model",
+    "load_policy",
+    "promote",
+    "rollback",
+    "show",
+]
 
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
 HISTORY_TAG = "advtrain.champion_history"
-LOCK_SUFFIX = ".promotion-lock"
-LOCK_STALE_S = 600.0
 
 # How MLflow 3.17 says "there is no such thing" (its SQL store; `mlflow server` passes the same codes on
 # as RestException): a missing registered model or version is RESOURCE_DOES_NOT_EXIST; a missing alias,
@@ -95,6 +110,8 @@ def _version_row(version) -> dict[str, Any]:
 
 def list_versions(name: str | None = None, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every version (of `name`, or of every registered model) with aliases and evaluation numbers."""
+    if name is not None:
+        checked_name(name, "registered model")  # it goes into a filter string below
     client = client_for(resolve_tracking_uri(tracking_uri or ""))
     models = [_registered(client, name)] if name else client.search_registered_models()
     rows = []
@@ -105,6 +122,9 @@ def list_versions(name: str | None = None, *, tracking_uri: str | None = None) -
         aliases: dict[str, list[str]] = {}
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
+        if "'" in model.name:  # registered by other tools: a quote cannot be searched for safely
+            log.warning("skipping registered model %r: its name has a quote", model.name)
+            continue
         for v in client.search_model_versions(f"name = '{model.name}'"):
             row = {"name": v.name, **_version_row(v)}
             row["aliases"] = sorted(aliases.get(row["version"], []))
@@ -122,23 +142,51 @@ def show(ref: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
     return {
         "name": ref,
         "aliases": dict(model.aliases),
-        "history": json.loads(model.tags.get(HISTORY_TAG, "[]")),
+        "history": _history(model),
         "versions": [r["version"] for r in list_versions(ref, tracking_uri=tracking_uri)],
     }
 
 
 def _registered(client, name: str):
+    checked_name(name, "registered model")
     try:
         return client.get_registered_model(name)
     except MlflowException as err:
+        _raise_if_refused(err)
         if not _code_in(err, _NO_SUCH_NAME):
             raise
         raise TrackingError(f"no registered model named '{name}'; `advtrain models list` shows them") from None
 
 
+def _raise_if_refused(err: MlflowException) -> None:
+    """A TrackingError for the server refusing us (credentials, permissions), which the user must fix."""
+    if _code_in(err, (UNAUTHENTICATED, PERMISSION_DENIED)):
+        raise TrackingError(
+            f"the tracking server refused the request ({err.error_code}): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to credentials allowed to do this"
+        ) from None
+
+
+def _history(model) -> list[dict[str, Any]]:
+    """The registered model's promotion history; TrackingError where the tag is not the list we write."""
+    text = model.tags.get(HISTORY_TAG, "[]")
+    try:
+        history = json.loads(text)
+    except (ValueError, RecursionError):
+        history = None
+    keys = {"event", "alias", "version", "previous"}
+    if not isinstance(history, list) or not all(isinstance(r, dict) and keys <= r.keys() for r in history):
+        raise TrackingError(
+            f"registered model '{model.name}': its tag {HISTORY_TAG} is not a promotion history (a JSON list of "
+            f"records with {', '.join(sorted(keys))}); restore it or delete the tag, then retry"
+        )
+    return history
+
+
 def _resolve_version(client, ref: str):
     if "@" in ref:
         name, alias = ref.split("@", 1)
+        checked_alias(alias)
         _registered(client, name)
         try:
             return name, client.get_model_version_by_alias(name, alias)
@@ -170,69 +218,6 @@ def _alias_version(client, name: str, alias: str):
     return None
 
 
-# --------------------------------------------------------------------------- lock
-
-# Lock contention, as MLflow reports it to the loser: the name exists; or it vanished between the SQL
-# store's failed insert and its look-up of the existing model (the holder released it); or the store is
-# busy with the racing writers (sqlite "database is locked"). All three mean: wait and retry.
-_LOCK_BUSY = (RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)
-
-
-class _PromotionLock:
-    """Mutual exclusion through the tracking store's unique registered-model names."""
-
-    def __init__(self, client, name: str, *, timeout_s: float = 120.0) -> None:
-        self.client, self.lock_name, self.timeout_s = client, name + LOCK_SUFFIX, timeout_s
-
-    def __enter__(self) -> _PromotionLock:
-        deadline = time.monotonic() + self.timeout_s
-        holder = f"{getpass.getuser()}@{socket.gethostname()}"
-        while True:
-            try:
-                self.client.create_registered_model(
-                    self.lock_name,
-                    tags={"holder": holder, "since": str(time.time())},
-                    description="advtrain promotion lock: held while a promotion/rollback runs",
-                )
-                return self
-            except MlflowException as err:
-                if not _code_in(err, _LOCK_BUSY):
-                    raise
-            self._break_if_stale()
-            if time.monotonic() > deadline:
-                raise TrackingError(
-                    f"another promotion of this model holds '{self.lock_name}'; retry later, or delete that "
-                    "registered model if its holder crashed"
-                )
-            time.sleep(0.2)
-
-    def _break_if_stale(self) -> None:
-        try:
-            lock = self.client.get_registered_model(self.lock_name)
-        except MlflowException as err:
-            if _code_in(err, (RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)):  # released, or busy: retry
-                return
-            raise
-        if _lock_age_s(lock) > LOCK_STALE_S:
-            try:
-                self.client.delete_registered_model(self.lock_name)
-            except MlflowException as err:
-                if not _code_in(err, _NOT_FOUND):  # someone else broke it first
-                    raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.delete_registered_model(self.lock_name)
-
-
-def _lock_age_s(lock) -> float:
-    """Seconds since the lock was taken; 0 where its `since` tag is missing or unreadable."""
-    try:
-        return time.time() - float(lock.tags.get("since", time.time()))
-    except (TypeError, ValueError):
-        # Its age is unknown, so it is never broken: the timeout's message says how to remove it.
-        return 0.0
-
-
 # --------------------------------------------------------------------------- promote / rollback
 
 
@@ -246,7 +231,11 @@ def promote(
     tracking_uri: str | None = None,
 ) -> PromotionResult:
     """Check every gate for NAME/VERSION (VERSION may be an alias, e.g. `challenger`); move `alias` only
-    if all pass. A refused promotion changes nothing in the registry."""
+    if all pass. A refused or failed promotion changes nothing in the registry."""
+    checked_name(name, "--name")
+    checked_alias(alias, "--alias")  # before any read: MLflow would resolve 'latest' as a version
+    if not str(version).isdigit():
+        checked_alias(str(version), "--version")
     policy = policy or PromotionPolicy()
     uri = resolve_tracking_uri(tracking_uri or "")
     client = client_for(uri)
@@ -256,7 +245,7 @@ def promote(
         champion = _alias_version(client, name, alias)
         gates = check_gates(uri, client, name, target, champion, policy)
         return PromotionResult(name, str(target.version), alias, False, True, gates, _v(champion))
-    with _PromotionLock(client, name):
+    with PromotionLock(client, name):
         # Read the champion inside the lock: a racing promotion may just have moved it.
         champion = _alias_version(client, name, alias)
         target = client.get_model_version(name, str(target.version))
@@ -270,15 +259,17 @@ def promote(
 
 
 def _record_promotion(client, name: str, target, champion, alias: str, gates: list[Gate]) -> None:
-    """The writes of a passed promotion, under the lock: history, version tags, then the aliases last, so
-    a failure part-way leaves the alias where it was."""
+    """The writes of a passed promotion, all computed (and the history checked) before the first one:
+    history, version tags, then the aliases last. A failed write undoes the ones before it."""
+    model = client.get_registered_model(name)
     record = {
         **_event("promote", alias, str(target.version), _v(champion)),
         "robust_acc": target.tags.get("eval.robust_acc"),
         "clean_acc": target.tags.get("eval.clean_acc"),
         "protocol": target.tags.get("eval.protocol"),
     }
-    _append_history(client, name, record)
+    version = str(target.version)
+    writes = [_history_write(client, model, record)]
     for key, value in {
         "promotion.by": record["by"],
         "promotion.at": record["at"],
@@ -286,19 +277,22 @@ def _record_promotion(client, name: str, target, champion, alias: str, gates: li
         "promotion.previous": record["previous"] or "",
         "promotion.gates": json.dumps([asdict(g) for g in gates]),
     }.items():
-        client.set_model_version_tag(name, str(target.version), key, value)
+        writes.append(_version_tag_write(client, name, version, key, value, target.tags.get(key)))
     if champion is not None and alias == CHAMPION:
-        client.set_registered_model_alias(name, PREVIOUS, str(champion.version))
-    client.set_registered_model_alias(name, alias, str(target.version))
+        writes.append(_alias_write(client, model, PREVIOUS, str(champion.version)))
+    writes.append(_alias_write(client, model, alias, version))
+    _all_or_nothing(writes, f"promotion of '{name}' version {version} to '{alias}'")
 
 
 def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = None) -> dict[str, Any]:
     """Move `champion` back to the version it replaced (recorded); `previous-champion` steps back too."""
+    checked_name(name, "--name")
+    checked_alias(alias, "--alias")
     uri = resolve_tracking_uri(tracking_uri or "")
     client = client_for(uri)
-    with _PromotionLock(client, name):
+    with PromotionLock(client, name):
         model = _registered(client, name)
-        history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
+        history = _history(model)
         current = _alias_version(client, name, alias)
         if current is None:
             raise TrackingError(f"'{name}' has no '{alias}' to roll back")
@@ -308,14 +302,76 @@ def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = Non
             raise TrackingError(f"'{name}': no earlier {alias} recorded before version {current.version}")
         before_previous = _replaced_by(history, alias, previous)
         record = _event("rollback", alias, previous, str(current.version))
-        _append_history(client, name, record)
-        client.set_registered_model_alias(name, alias, previous)
+        writes = [_history_write(client, model, record), _alias_write(client, model, alias, previous)]
         if alias == CHAMPION:
-            if before_previous:
-                client.set_registered_model_alias(name, PREVIOUS, before_previous)
-            else:
-                client.delete_registered_model_alias(name, PREVIOUS)
+            writes.append(_alias_write(client, model, PREVIOUS, before_previous))
+        _all_or_nothing(writes, f"rollback of '{name}' '{alias}' to version {previous}")
         return record
+
+
+# A registry write and its undo: each `_*_write` reads what it will replace when it is built, before
+# any write, so that a failure part-way can put back exactly what was there.
+_Write = tuple[Callable[[], None], Callable[[], None]]
+
+
+def _all_or_nothing(writes: list[_Write], what: str) -> None:
+    done: list[_Write] = []
+    try:
+        for write in writes:
+            write[0]()
+            done.append(write)
+    except MlflowException as err:
+        undo_failed = []
+        for _, undo in reversed(done):
+            try:
+                undo()
+            except MlflowException as undo_err:
+                undo_failed.append(str(undo_err).splitlines()[0])
+        state = (
+            "every earlier write was undone: the registry is as it was"
+            if not undo_failed
+            else f"undoing the earlier writes ALSO failed ({'; '.join(undo_failed)}): check `advtrain models show`"
+        )
+        raise TrackingError(f"{what} failed while writing ({str(err).splitlines()[0]}); {state}") from None
+
+
+def _history_write(client, model, record: dict[str, Any]) -> _Write:
+    before = model.tags.get(HISTORY_TAG)
+    text = _history_text([*_history(model), record])
+    return (
+        lambda: client.set_registered_model_tag(model.name, HISTORY_TAG, text),
+        lambda: _restore_model_tag(client, model.name, HISTORY_TAG, before),
+    )
+
+
+def _restore_model_tag(client, name: str, key: str, value: str | None) -> None:
+    if value is None:
+        client.delete_registered_model_tag(name, key)
+    else:
+        client.set_registered_model_tag(name, key, value)
+
+
+def _version_tag_write(client, name: str, version: str, key: str, value: str, before: str | None) -> _Write:
+    def undo() -> None:
+        if before is None:
+            client.delete_model_version_tag(name, version, key)
+        else:
+            client.set_model_version_tag(name, version, key, before)
+
+    return lambda: client.set_model_version_tag(name, version, key, value), undo
+
+
+def _alias_write(client, model, alias: str, version: str | None) -> _Write:
+    """Point `alias` at `version` (None: remove it)."""
+    before = model.aliases.get(alias)
+
+    def point(target: str | None) -> None:
+        if target is not None:
+            client.set_registered_model_alias(model.name, alias, str(target))
+        elif alias in client.get_registered_model(model.name).aliases:
+            client.delete_registered_model_alias(model.name, alias)
+
+    return lambda: point(version), lambda: point(before)
 
 
 def _replaced_by(history: list[dict[str, Any]], alias: str, version: str) -> str | None:
@@ -341,13 +397,10 @@ def _v(version) -> str | None:
     return None if version is None else str(version.version)
 
 
-def _append_history(client, name: str, record: dict[str, Any]) -> None:
-    model = client.get_registered_model(name)
-    history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
-    history.append(record)
+def _history_text(history: list[dict[str, Any]]) -> str:
     # Tag values are limited in size (5000 chars in the sqlite store); keep the most recent records.
     text = json.dumps(history)
     while len(text) > 4900 and len(history) > 1:
         history.pop(0)
         text = json.dumps(history)
-    client.set_registered_model_tag(name, HISTORY_TAG, text)
+    return text

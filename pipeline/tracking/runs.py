@@ -5,11 +5,14 @@ registry.py and gates.py, pipeline/tracking is the only place that imports mlflo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,28 @@ def resolve_tracking_uri(configured: str = "", *, cwd: str | Path | None = None)
 
 
 def client_for(uri: str) -> MlflowClient:
+    """A client of the store at `uri`; an http(s) server is checked to answer first, as MLflow's own
+    retries would spend minutes on a dead address and then fail with a connection traceback."""
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@functools.cache
+def check_reachable(uri: str) -> None:
+    """TrackingError unless something answers HTTP at `uri` (any status: a 401 of an auth server is an
+    answer, and says nothing about the credentials, which MLflow's own calls check)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or fix tracking.uri / "
+            "MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:

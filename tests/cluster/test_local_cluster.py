@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,24 +20,10 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port_block() -> int:
-    """A port P with P..P+400 unused (the script gives each node ports above P)."""
-    for base in range(21000, 40000, 500):
-        ports = [base, base + 1, *range(base + 100, base + 400)]
-        try:
-            for port in ports[:3]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port block")
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, digits_path):
+def cluster(tmp_path_factory, digits_path, port_block):
     folder = tmp_path_factory.mktemp("cluster")
-    port = _free_port_block()
+    port = port_block()
     dashboard, mlflow_port = port + 2, port + 3
     start = subprocess.run(
         [

@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.orchestrate.evaluation import run_evaluation
-from pipeline.tracking import model_store, registry
+from pipeline.tracking import model_store, promotion_lock, registry
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.registry import PromotionPolicy
 from pipeline.tracking.runs import TrackingError, client_for
@@ -240,3 +241,83 @@ def test_registry_through_a_basic_auth_server(mlflow_auth_server, undefended, di
     run = client_for(uri).get_run(run_id)
     recorded = json.dumps({"params": run.data.params, "tags": run.data.tags})
     assert password not in recorded
+
+
+# ------------------------------------------------------------------ refused or failed commands change nothing
+
+
+def _cli(capsys, monkeypatch, uri, *argv: str) -> tuple[int, str]:
+    from pipeline import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = cli.run(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _whole_registry(uri) -> dict:
+    """Every registered model's aliases and tags, and every version's tags: the whole registry."""
+    client = client_for(uri)
+    return {m.name: _snapshot(uri, m.name) for m in client.search_registered_models()}
+
+
+def test_refused_commands_exit_2_and_leave_the_whole_registry_as_it_was(
+    versions, mlflow_server, capsys, monkeypatch, tmp_path
+):
+    v, _ = versions
+    client = client_for(mlflow_server)
+    client.create_registered_model("broken-history", tags={registry.HISTORY_TAG: '{"not": "a list"'})
+    policy = tmp_path / "policy.toml"
+    policy.write_text('protocol = "fast"\nmin_examples = 60\n')
+    cases = [
+        (("promote", "--name", "promo", "--version", v["at"], "--alias", "latest"), "reserved by MLflow"),
+        (("promote", "--name", "promo", "--version", v["at"], "--alias", "v1"), "reserved by MLflow"),
+        (("promote", "--name", "promo", "--version", v["at"], "--alias", "new champion"), "--alias"),
+        (("promote", "--name", "promo", "--version", "999", "--policy", str(policy)), "has no version 999"),
+        (("promote", "--name", "promo", "--version", "nosuchalias", "--policy", str(policy)), "no alias"),
+        (("promote", "--name", "promo'x", "--version", v["at"]), "--name"),
+        (("rollback", "--name", "promo", "--alias", "v2"), "reserved by MLflow"),
+        (("rollback", "--name", "broken-history"), registry.HISTORY_TAG),
+        (("models", "show", "broken-history"), registry.HISTORY_TAG),
+        (("models", "list", "promo' OR name LIKE '%"), "registered model"),
+    ]
+    before = _whole_registry(mlflow_server)
+    for argv, named in cases:
+        code, text = _cli(capsys, monkeypatch, mlflow_server, *argv)
+        assert code == 2, (argv, text)
+        assert named in text and "Traceback" not in text, (argv, text)
+        assert _whole_registry(mlflow_server) == before, argv
+
+
+def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
+    """Real writes against the server, the last of which MLflow refuses (an alias to a version that does
+    not exist): the history tag, a version tag and an alias written before it are put back."""
+    v, _ = versions
+    client = client_for(mlflow_server)
+    model = client.get_registered_model("promo")
+    before = _snapshot(mlflow_server, "promo")
+    record = registry._event("promote", "champion", v["at"], None)
+    writes = [
+        registry._history_write(client, model, record),
+        registry._version_tag_write(client, "promo", v["at"], "promotion.by", "x", None),
+        registry._alias_write(client, model, "champion", v["undefended"]),
+        registry._alias_write(client, model, "previous-champion", "999"),
+    ]
+    with pytest.raises(TrackingError, match="every earlier write was undone: the registry is as it was"):
+        registry._all_or_nothing(writes, "a promotion")
+    assert _snapshot(mlflow_server, "promo") == before
+
+
+def test_a_crashed_holders_lock_with_an_unreadable_timestamp_is_still_broken(mlflow_server, monkeypatch):
+    """The lock's age falls back to the store's creation time: a garbage `since` tag no longer makes a
+    lock unbreakable (it made every later promotion wait 120 s and fail)."""
+    client = client_for(mlflow_server)
+    client.create_registered_model("lockx")
+    client.create_registered_model("lockx" + registry.LOCK_SUFFIX, tags={"holder": "crashed", "since": "garbage"})
+    monkeypatch.setattr(promotion_lock, "LOCK_STALE_S", 1.0)
+    time.sleep(1.5)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="has no 'champion' to roll back"):
+        registry.rollback("lockx", tracking_uri=mlflow_server)
+    assert time.monotonic() - started < 30
+    assert not [m for m in client.search_registered_models() if m.name == "lockx" + registry.LOCK_SUFFIX]

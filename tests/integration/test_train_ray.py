@@ -106,8 +106,9 @@ print(json.dumps({{"acc": float((pred == y).float().mean()), "pyfunc_same": same
 
 
 def test_tampered_weights_are_refused(trained, tmp_path):
+    from pipeline.model_folder import load_weights, save_weights
     from pipeline.models import build_model
-    from pipeline.tracking.model_store import load_model, load_weights, save_weights
+    from pipeline.tracking.model_store import load_model
     from pipeline.tracking.runs import TrackingError
 
     arch = {

@@ -24,7 +24,13 @@ def test_flat_params_uses_dotted_keys():
 
 
 def test_toml_round_trip(tmp_path):
-    config = config_from_dict({"attack": {"eps": 0.3, "norm": "l2"}, "run": {"name": 'a "quoted" name'}})
+    config = config_from_dict(
+        {
+            "attack": {"eps": 0.3, "norm": "l2"},
+            "run": {"name": "a-named.run_1"},
+            "tracking": {"experiment": 'a "quoted" name'},
+        }
+    )
     path = tmp_path / "c.toml"
     path.write_text(to_toml(config))
     assert load_config(path) == config

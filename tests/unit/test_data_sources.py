@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from pipeline import cli
 from pipeline.cli import Source, app
 from pipeline.data import SOURCES
 
@@ -16,10 +17,9 @@ def test_cli_choices_are_the_registry():
 
 
 @pytest.mark.parametrize("name", [name for name, spec in SOURCES.items() if spec.needs])
-def test_cli_asks_for_the_source_the_registry_needs(name, tmp_path):
-    result = CliRunner().invoke(app, ["data", "prepare", name, "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2
-    assert result.output == f"error: {name} needs --source {SOURCES[name].needs}\n"
+def test_cli_asks_for_the_source_the_registry_needs(name, tmp_path, capsys):
+    assert cli.run(["data", "prepare", name, "--out", str(tmp_path / "out")]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"error: {name} needs --source {SOURCES[name].needs}\n"
     assert not (tmp_path / "out").exists()
 
 
