@@ -5,24 +5,21 @@ architecture JSON (no pickle). predict() takes pixels in [0,1] shaped (N,C,H,W) 
 and returns the class logits as a float32 numpy array.
 """
 
-import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
-from safetensors.torch import load_file
 
-from pipeline.models import build_model
+from pipeline.model_folder import load_folder
 
 
 class AdvtrainModel(PythonModel):
     def load_context(self, context):
-        with open(context.artifacts["architecture"]) as f:
-            self.arch = json.load(f)
-        self.model = build_model(self.arch)
-        self.model.load_state_dict(load_file(context.artifacts["weights"]))
-        self.model.eval()
+        # The two artifacts sit side by side in the model's artifacts folder: the same checks as every
+        # other load (strict architecture record, the weights' sha256, names and shapes).
+        self.model, _digest, self.arch = load_folder(Path(context.artifacts["weights"]).parent)
 
     def predict(self, context, model_input, params=None):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, *self.arch["shape"])

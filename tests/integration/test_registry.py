@@ -267,6 +267,7 @@ def test_refused_commands_exit_2_and_leave_the_whole_registry_as_it_was(
     v, _ = versions
     client = client_for(mlflow_server)
     client.create_registered_model("broken-history", tags={registry.HISTORY_TAG: '{"not": "a list"'})
+    client.create_registered_model("made-by-another-tool's")  # a quote: once broke `models list` for all
     policy = tmp_path / "policy.toml"
     policy.write_text('protocol = "fast"\nmin_examples = 60\n')
     cases = [
@@ -287,6 +288,8 @@ def test_refused_commands_exit_2_and_leave_the_whole_registry_as_it_was(
         assert code == 2, (argv, text)
         assert named in text and "Traceback" not in text, (argv, text)
         assert _whole_registry(mlflow_server) == before, argv
+    code, text = _cli(capsys, monkeypatch, mlflow_server, "models", "list")
+    assert code == 0 and "promo " in text and "broken-history" not in text, text
 
 
 def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
@@ -299,7 +302,15 @@ def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
     record = registry._event("promote", "champion", v["at"], None)
     writes = [
         registry._history_write(client, model, record),
-        registry._version_tag_write(client, "promo", v["at"], "promotion.by", "x", None),
+        registry._version_tag_write(
+            client,
+            "promo",
+            v["at"],
+            "promotion.by",
+            "x",
+            client.get_model_version("promo", v["at"]).tags.get("promotion.by"),
+        ),
+        registry._version_tag_write(client, "promo", v["at"], "promotion.new-tag", "x", None),
         registry._alias_write(client, model, "champion", v["undefended"]),
         registry._alias_write(client, model, "previous-champion", "999"),
     ]
