@@ -2,7 +2,7 @@
 
 import sys
 
-from pipeline.cli import app
+from pipeline.cli import run
 
 if __name__ == "__main__":
-    sys.exit(app(["train", *sys.argv[1:]], prog_name="jobs/train.py"))
+    sys.exit(run(["train", *sys.argv[1:]], prog_name="jobs/train.py"))

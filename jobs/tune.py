@@ -3,7 +3,7 @@
 
 import sys
 
-from pipeline.cli import app
+from pipeline.cli import run
 
 if __name__ == "__main__":
-    sys.exit(app(["tune", *sys.argv[1:]], prog_name="jobs/tune.py"))
+    sys.exit(run(["tune", *sys.argv[1:]], prog_name="jobs/tune.py"))

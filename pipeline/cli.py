@@ -52,7 +52,7 @@ def data_prepare(
         Path | None,
         typer.Option(help="; ".join(f"{name}: {spec.needs}" for name, spec in SOURCES.items() if spec.needs) + "."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the train/val split.")] = 0,
 ) -> None:
     """Write a dataset as validated Parquet shards with metadata and checksums.
 
@@ -94,7 +94,9 @@ def train(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
     ] = None,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(min=1, max=4096, help="CPUs of a local Ray instance (default: all).")
+    ] = None,
 ) -> None:
     """Adversarial training on Ray Train, tracked in MLflow; registers the model at the end.
 
@@ -107,10 +109,10 @@ def train(
     if resume is not None:
         checked_name(resume, "--resume")
     from pipeline.orchestrate import train as train_lib
-    from pipeline.orchestrate.cluster import init_ray
 
-    init_ray(ray_address, num_cpus=num_cpus)
-    summary = train_lib.run_training(cfg, config_name=config.stem, resume=resume)
+    summary = train_lib.run_training(
+        cfg, config_name=config.stem, resume=resume, ray_address=ray_address, num_cpus=num_cpus
+    )
     ui = (
         f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {summary.tracking_uri}"
         if summary.tracking_uri.startswith("sqlite")
@@ -148,7 +150,9 @@ def tune_cmd(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a run-config key for every trial, repeatable.")
     ] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Trials (overrides [search] num_samples).")] = None,
+    num_samples: Annotated[
+        int | None, typer.Option(min=1, max=100_000, help="Trials (overrides [search] num_samples).")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Search name (default: a unique one); --resume needs it.")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the interrupted search --name; finished trials are kept.")
@@ -156,7 +160,9 @@ def tune_cmd(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
     ] = None,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(min=1, max=4096, help="CPUs of a local Ray instance (default: all).")
+    ] = None,
 ) -> None:
     """Ray Tune search over the run config's keys: each trial a distributed training run, ASHA on the
     robust objective, one MLflow parent run with a child per trial; writes the best config as TOML.
@@ -172,6 +178,8 @@ def tune_cmd(
     spec = tune_lib.load_search(search, cfg, num_samples=num_samples)
     if name is not None:
         checked_name(name, "--name")
+        if len(name) > tune_lib.MAX_SEARCH_NAME:
+            raise InputError(f"--name is {len(name)} characters; a search name has at most {tune_lib.MAX_SEARCH_NAME}")
     init_ray(ray_address, num_cpus=num_cpus)
     summary = tune_lib.run_search(cfg, spec, name=name, resume=resume, config_name=f"{config.stem}-search")
     typer.echo("")
@@ -211,7 +219,7 @@ def evaluate(
         Protocol,
         typer.Option(help="fast (APGD-CE + APGD-T/3), standard (AutoAttack-style ensemble + sanity checks), pgd."),
     ] = Protocol.standard,
-    seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1, help="Seed of the attacks' random starts.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/<model>-<protocol>-...).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster (else RAY_ADDRESS, else local).")] = None,
 ) -> None:
@@ -220,11 +228,8 @@ def evaluate(
     Example: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from pipeline.orchestrate.cluster import init_ray
-    from pipeline.orchestrate.evaluation import check_evaluation_request, run_evaluation
+    from pipeline.orchestrate.evaluation import run_evaluation
 
-    check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out)
-    init_ray(ray_address)
     rep = run_evaluation(
         model,
         data_path=str(data) if data else None,
@@ -235,6 +240,7 @@ def evaluate(
         protocol=protocol.value,
         seed=seed,
         out_dir=out,
+        ray_address=ray_address,
     )
     typer.echo(_evaluation_summary(model, rep))
 
@@ -325,6 +331,7 @@ def promote(
     """
     from pipeline.tracking import registry
 
+    registry.check_promotion_request(name, version, alias)  # before --evaluate writes any evidence
     rules = registry.load_policy(policy)
     if evaluate_first:
         _evaluate_if_missing(name, version, rules.protocol)
@@ -355,7 +362,7 @@ def _evaluate_if_missing(name: str, version: str, protocol: str) -> None:
     from pipeline.orchestrate.evaluation import run_evaluation
     from pipeline.tracking import registry
 
-    ref = f"{name}/{version}" if version.isdigit() else f"{name}@{version}"
+    ref = f"{name}/{version}" if registry.VERSION_NUMBER.fullmatch(version) else f"{name}@{version}"
     row = registry.show(ref)
     if row["tags"].get("eval.protocol") == protocol and "eval.robust_acc" in row["tags"]:
         return
@@ -379,13 +386,15 @@ def rollback(
     typer.echo(f"rolled back {name}: '{alias}' is version {record['version']} again (was {record['previous']})")
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, *, prog_name: str = "advtrain") -> int:
     """Every command's one error path; the exit code. Bad input -> its message, 2; anything else is a
     bug -> 3, with the traceback in a log file whose path the message gives."""
     # MLflow draws a progress bar per artifact download; the CLI has its own progress output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        app(args=argv, prog_name="advtrain", standalone_mode=False)
+        # Without standalone mode, typer returns the code of a `typer.Exit` (a refused promotion: 1).
+        code = app(args=argv, prog_name=prog_name, standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except typer.Exit as done:
         return done.exit_code
     except typer.Abort:  # Ctrl-C at a prompt
@@ -406,7 +415,6 @@ def run(argv: list[str] | None = None) -> int:
             err=True,
         )
         return EXIT_BUG
-    return 0
 
 
 def main() -> None:
@@ -415,8 +423,11 @@ def main() -> None:
 
 def _write_crash_log(text: str) -> Path:
     folder = Path(os.environ.get("ADVTRAIN_LOG_DIR") or tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix="advtrain-crash-", suffix=".log", dir=folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix="advtrain-crash-", suffix=".log", dir=folder)
+    except OSError:  # an unwritable ADVTRAIN_LOG_DIR must not hide the bug being reported
+        handle, name = tempfile.mkstemp(prefix="advtrain-crash-", suffix=".log")
     with os.fdopen(handle, "w") as out:
         out.write(f"advtrain {' '.join(sys.argv[1:])}\n\n{text}")
     return Path(name)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig, registered_name
+from pipeline.data.metadata import MAX_CHANNELS, MAX_CLASSES, MAX_SIDE
 from pipeline.errors import ModelError
 
 
@@ -222,8 +223,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
 ARCH_KEYS = ("name", "width", "depth", "activation", "shape", "num_classes", "mean", "std", "weights_sha256")
 # Models saved before `activation` existed lack it (built as ReLU); the digest is absent before saving.
 _OPTIONAL_KEYS = ("activation", "weights_sha256")
-_INT_BOUNDS = {"width": (1, 64), "depth": (10, 1000), "num_classes": (2, 100_000)}
-_MAX_CHANNELS, _MAX_SIDE = 64, 4096
+_INT_BOUNDS = {"width": (1, 64), "depth": (10, 1000), "num_classes": (2, MAX_CLASSES)}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _JSON_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list"}
 # Values are shown short and shallow: a hostile value may be long or deeply nested.
@@ -289,7 +289,7 @@ def _check_name(name: object) -> None:
 
 def _check_shape(shape: object) -> int:
     """The number of channels of a valid [channels, height, width] list."""
-    bounds = ((1, _MAX_CHANNELS), (1, _MAX_SIDE), (1, _MAX_SIDE))
+    bounds = ((1, MAX_CHANNELS), (1, MAX_SIDE), (1, MAX_SIDE))
     if not (
         isinstance(shape, list)
         and len(shape) == 3
@@ -297,7 +297,7 @@ def _check_shape(shape: object) -> int:
     ):
         raise ModelError(
             f"key 'shape' is {_show(shape)}; expected [channels, height, width]: 3 integers, channels "
-            f"1-{_MAX_CHANNELS}, height and width 1-{_MAX_SIDE} (e.g. [1, 8, 8])"
+            f"1-{MAX_CHANNELS}, height and width 1-{MAX_SIDE} (e.g. [1, 8, 8])"
         )
     return shape[0]
 

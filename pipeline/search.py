@@ -44,22 +44,23 @@ FIXED_TABLES = ("validation", "scaling", "tracking")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # As the run config: no inf or nan, and bounds a real search stays far inside.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SearchSettings(_Strict):
-    num_samples: int = Field(default=8, ge=1)
+    num_samples: int = Field(default=8, ge=1, le=100_000)
     algorithm: Literal["random", "grid", "optuna"] = "random"
-    clean_weight: float = Field(default=0.0, ge=0.0)
-    max_concurrent_trials: int = Field(default=0, ge=0)
-    seed: int = Field(default=0, ge=0)
+    clean_weight: float = Field(default=0.0, ge=0.0, le=100.0)
+    max_concurrent_trials: int = Field(default=0, ge=0, le=10_000)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     register_best: bool = False
 
 
 class AshaSettings(_Strict):
     enabled: bool = True
-    grace_period: int = Field(default=1, ge=1)
-    reduction_factor: float = Field(default=2.0, gt=1.0)
+    grace_period: int = Field(default=1, ge=1, le=100_000)
+    reduction_factor: float = Field(default=2.0, gt=1.0, le=100.0)
 
 
 @dataclass(frozen=True)

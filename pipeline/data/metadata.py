@@ -38,6 +38,9 @@ REMEDY = "metadata.json is written by `advtrain data prepare`: prepare the datas
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\.parquet")
 _SHA256 = r"[0-9a-f]{64}"
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+# What any dataset (and any architecture record, pipeline.models) may claim: generous for every network
+# here, and what a model trained on it can be stored and loaded with.
+MAX_CLASSES, MAX_CHANNELS, MAX_SIDE = 100_000, 64, 4096
 # Values quoted in messages: short, and safe on deeply nested junk (a plain repr could recurse too deep).
 _SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 2, 60, 60, 4, 4
@@ -65,8 +68,8 @@ class Metadata(BaseModel):
     model_config = _STRICT
     format_version: int
     source: Annotated[str, Field(min_length=1)]
-    shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
-    num_classes: Annotated[int, Field(ge=2, le=2**31 - 1)]
+    shape: Annotated[list[Annotated[int, Field(ge=1, le=MAX_SIDE)]], Field(min_length=3, max_length=3)]
+    num_classes: Annotated[int, Field(ge=2, le=MAX_CLASSES)]
     class_names: list[str]
     mean: list[float]
     std: list[float]
@@ -164,6 +167,12 @@ def _class_names(meta: Metadata) -> str | None:
     return class_names_problem(meta.class_names, meta.num_classes)
 
 
+def _channels(meta: Metadata) -> str | None:
+    if meta.shape[0] > MAX_CHANNELS:
+        return f"'shape' {meta.shape}: at most {MAX_CHANNELS} channels (the first entry, C of C,H,W)"
+    return None
+
+
 def _row_bytes(meta: Metadata) -> str | None:
     if math.prod(meta.shape) > MAX_ROW_BYTES:
         return f"key 'shape' {meta.shape} needs {math.prod(meta.shape)} bytes per image, more than {MAX_ROW_BYTES}"
@@ -201,4 +210,10 @@ def _file_names(meta: Metadata) -> str | None:
     return None
 
 
-CHECKS: tuple[Callable[[Metadata], str | None], ...] = (_class_names, _row_bytes, _channel_stats, _file_names)
+CHECKS: tuple[Callable[[Metadata], str | None], ...] = (
+    _class_names,
+    _channels,
+    _row_bytes,
+    _channel_stats,
+    _file_names,
+)

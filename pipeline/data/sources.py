@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.format import DataError, DatasetInfo, check_labels
+from pipeline.data.metadata import MAX_CLASSES
 from pipeline.data.readers import read_cifar_batch, read_idx, read_npz
 from pipeline.data.writing import write_dataset
 
@@ -204,7 +205,7 @@ def _npz_split(arrays: dict[str, np.ndarray], split: str, source: Path) -> tuple
     """x_SPLIT / y_SPLIT -> (uint8 (N,C,H,W), int64 labels); shapes, dtypes and counts checked."""
     where = f"{source} [{split}]"
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    if x.ndim not in (3, 4) or len(x) == 0:
+    if x.ndim not in (3, 4) or 0 in x.shape:
         raise DataError(f"{where}: x_{split} must be a non-empty (N,H,W), (N,C,H,W) or (N,H,W,C) array, got {x.shape}")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -213,6 +214,8 @@ def _npz_split(arrays: dict[str, np.ndarray], split: str, source: Path) -> tuple
     _pair(x, y, f"{where}: x_{split} / y_{split}")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}: labels must be integers, got {y.dtype}")
+    if y.max() >= MAX_CLASSES:  # before 0..max becomes a list of class names
+        raise DataError(f"{where}: label {y.max()} is beyond the {MAX_CLASSES} classes a dataset may have")
     return _nchw(_to_uint8(x, where), where), y.astype(np.int64)
 
 

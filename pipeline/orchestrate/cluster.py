@@ -12,6 +12,8 @@ from pipeline.config import Config, ConfigError
 
 # Tune trial drivers hold this custom resource instead of a CPU (pipeline/orchestrate/tune.py).
 TRIAL_DRIVER_RESOURCE = "trial_driver"
+# The dashboard of the local instance this process started, if any (see init_ray).
+_local_dashboard: dict[str, str] = {}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -30,6 +32,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        # An earlier local instance's dashboard (set below) is not this cluster's: it must not leak into it.
+        if os.environ.get("RAY_API_SERVER_ADDRESS") == _local_dashboard.get("url"):
+            os.environ.pop("RAY_API_SERVER_ADDRESS")
         ray.init(address=address, log_to_driver=True)
     else:
         # Every process of this instance must know that it is its cluster: Ray Train's placement-group
@@ -38,7 +43,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # or follows /tmp/ray's pointer to the other one; stopped trials' placement groups then leak and
         # a search waits forever for CPUs. Its processes inherit this environment at start.
         dashboard_port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        _local_dashboard["url"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         # Loopback only: a local instance has no business on the machine's network interfaces. The
         # dashboard is what lets Ray free stopped runs' placement groups (shared/NOTES).
         ray.init(

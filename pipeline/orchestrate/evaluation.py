@@ -33,6 +33,7 @@ from pipeline.evaluate import (
     report,
 )
 from pipeline.models import build_model
+from pipeline.orchestrate.cluster import init_ray
 from pipeline.sanity import sanity_checks
 from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
@@ -152,8 +153,10 @@ def run_evaluation(
     tracking_uri: str | None = None,
     run_sanity: bool | None = None,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on the connected Ray cluster; returns the report (also written to `out_dir`)."""
+    """Evaluate on the Ray cluster at `ray_address` (else the connected one, RAY_ADDRESS or a local
+    instance, started once the model and data are checked); returns the report (also in `out_dir`)."""
     started = time.perf_counter()
     check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out_dir, protocol=protocol)
     resolved = model_store.resolve_model(model_uri, tracking_uri=tracking_uri)
@@ -165,7 +168,13 @@ def run_evaluation(
     info = data_lib.read_metadata(data_path)
     if list(info.shape) != list(resolved.architecture["shape"]):
         raise InputError(f"{data_path}: images {info.shape} but the model expects {resolved.architecture['shape']}")
+    if info.num_classes != resolved.architecture["num_classes"]:
+        raise InputError(
+            f"{data_path}: {info.num_classes} classes but the model predicts {resolved.architecture['num_classes']}; "
+            "evaluate on the dataset it was trained for (--data)"
+        )
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
+    init_ray(ray_address)  # only now: every input above is checked without starting anything
 
     model_ref = ray.put((resolved.architecture, resolved.model.state_dict()))
     attack = {"norm": norm, "eps": eps, "protocol": protocol, "seed": seed}

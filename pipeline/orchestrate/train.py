@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.errors import checked_name
-from pipeline.models import architecture
+from pipeline.models import architecture, build_model, check_architecture
 from pipeline.orchestrate.cluster import TRIAL_DRIVER_RESOURCE, check_ray_data_cpus, init_ray
 from pipeline.orchestrate.storage import (
     FINISHED_MARKER,
@@ -90,6 +91,7 @@ class _Run:
     state: str
     info: data_lib.DatasetInfo
     loader: str
+    arch: dict[str, Any]
 
 
 def _resolve_run(config: Config, *, config_name: str, resume: str | None, base: Path) -> _Run:
@@ -114,7 +116,21 @@ def _resolve_run(config: Config, *, config_name: str, resume: str | None, base: 
             "data": config.data.model_copy(update={"path": str(data_path)}),
         }
     )
-    return _Run(config, name, storage, state, info, choose_loader(config, info))
+    return _Run(config, name, storage, state, info, choose_loader(config, info), _architecture_for(config, info))
+
+
+def _architecture_for(config: Config, info: data_lib.DatasetInfo) -> dict[str, Any]:
+    """The architecture record for this dataset, built once on the meta device (no memory, no time) so
+    that a model that cannot take these images (wide_resnet's 6n+4 depth, small_cnn's side divisible by
+    4, ...) is refused before anything is recorded, not inside the workers."""
+    arch = architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    try:
+        check_architecture(arch)
+        with torch.device("meta"):
+            build_model(arch)
+    except ValueError as err:  # ModelError included
+        raise ConfigError(f"model.name {config.model.name!r} cannot train on {info.path}: {err}") from None
+    return arch
 
 
 def _open_mlflow_run(run: _Run, uri: str, *, parent_run_id: str | None, extra_tags: dict[str, str] | None):
@@ -175,8 +191,12 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     callbacks: list | None = None,
     objective_clean_weight: float = 0.0,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
 ) -> TrainSummary:
-    """Fit the run described by `config` on the connected Ray cluster (ray.init first).
+    """Fit the run described by `config` on the Ray cluster at `ray_address` (else the connected one,
+    RAY_ADDRESS or a local instance of `num_cpus`), started only once the run's data, names, model and
+    tracking server are checked.
 
     `resume=NAME` requires that run to exist; a config `run.name` that exists resumes it; an empty name
     gets a unique one, so a run can never overwrite another by accident. A search's trial passes its
@@ -188,9 +208,10 @@ def run_training(
     run = _resolve_run(config, config_name=config_name, resume=resume, base=base)
     config = run.config
     uri = tracking.resolve_tracking_uri(config.tracking.uri, cwd=base)
+    tracking.client_for(uri)  # an unreachable server is named before Ray starts
+    init_ray(ray_address, num_cpus=num_cpus)
     run_id, mlflow_resumed = _open_mlflow_run(run, uri, parent_run_id=parent_run_id, extra_tags=extra_tags)
-    info = run.info
-    arch = architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    info, arch = run.info, run.arch
     resumed_note = " (resumed)" if run.state == "resumable" else ""
     log.info("run %s: %s loader, MLflow run %s%s", run.name, run.loader, run_id, resumed_note)
     worker_context = {

@@ -200,11 +200,17 @@ def _search_path(config: Config, name: str) -> str:
     return f"{config.run.storage_path.rstrip('/')}/{name}"
 
 
+MAX_SEARCH_NAME = 100
+
+
 def _search_name(config: Config, name: str | None, *, resume: bool, config_name: str) -> str:
     """The search's name: the given one to resume (it must exist), else a new one (it must not exist)."""
     storage = config.run.storage_path
     if name is not None:
+        # Each trial's run is named `<search>-<trial id>` (12 more characters): that must fit too.
         checked_name(name, "--name")
+        if len(name) > MAX_SEARCH_NAME:
+            raise ConfigError(f"--name is {len(name)} characters; a search name has at most {MAX_SEARCH_NAME}")
     if resume:
         if not name:
             raise ConfigError("--resume needs the search's name (--name NAME, printed when it started)")

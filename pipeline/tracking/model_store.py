@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.data import sha256_file
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, checked_name
 from pipeline.model_folder import (
     ARCH_FILE,
     WEIGHTS_FILE,
@@ -32,6 +33,8 @@ from pipeline.model_folder import (
 from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
 PYFUNC_SCRIPT = Path(__file__).with_name("pyfunc.py")
+# A version number as MLflow stores it (str.isdigit() also takes '²', which MLflow's int() refuses).
+VERSION_NUMBER = re.compile(r"[0-9]{1,9}")
 
 
 def log_and_register_model(
@@ -177,6 +180,9 @@ def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> Resolve
         source = client.get_model_version_download_uri(name, version.version)
     else:
         run_id, _, name_in_run = model_uri[len("runs:/") :].partition("/")
+        # Both go into a filter string: one pattern, no quotes (an MLflow run id is 32 hex digits).
+        checked_name(run_id, f"{model_uri}: the run id")
+        checked_name(name_in_run or "model", f"{model_uri}: the model name")
         source = _logged_model_location(client, run_id, name_in_run or "model", model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -209,6 +215,7 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None) -> nn.Module:
 
 def _registered_version(client: MlflowClient, model_uri: str):
     ref = model_uri[len("models:/") :]
+    checked_name(re.split(r"[@/]", ref, maxsplit=1)[0], f"{model_uri}: the registered model")
     if "@" in ref:
         name, alias = ref.split("@", 1)
         try:
@@ -219,7 +226,7 @@ def _registered_version(client: MlflowClient, model_uri: str):
                 f"{model_uri}: registered model '{name}' has no alias '{alias}' (aliases: {aliases or 'none'})"
             ) from None
     name, _, version = ref.partition("/")
-    if not version.isdigit():
+    if not VERSION_NUMBER.fullmatch(version):
         raise TrackingError(f"{model_uri}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
     try:
         return name, client.get_model_version(name, version)

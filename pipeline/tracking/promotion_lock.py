@@ -83,12 +83,13 @@ class PromotionLock:
 
 
 def _lock_age_s(lock) -> float:
-    """Seconds since the lock was taken: its `since` tag, else (missing, unreadable, not finite) the
-    store's creation time of the lock, which no tag can corrupt, so a crashed holder's lock always ages."""
+    """Seconds since the lock was taken, by the store's creation time of the lock: no tag can corrupt it
+    (a garbage or future `since` once made a crashed holder's lock unbreakable). The `since` tag, the
+    holder's clock, is used only where the store gives no creation time."""
+    if lock.creation_timestamp:
+        return time.time() - lock.creation_timestamp / 1000
     try:
         since = float(lock.tags.get("since", "nan"))
     except (TypeError, ValueError):
         since = math.nan
-    if not math.isfinite(since):
-        since = (lock.creation_timestamp or 0) / 1000
-    return time.time() - since
+    return time.time() - since if math.isfinite(since) and since <= time.time() else math.inf

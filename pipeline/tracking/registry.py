@@ -36,9 +36,9 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
-from pipeline.errors import checked_alias, checked_name
+from pipeline.errors import NAME_PATTERN, checked_alias, checked_name
 from pipeline.tracking.gates import Gate, PromotionPolicy, check_gates, load_policy
-from pipeline.tracking.model_store import load_model
+from pipeline.tracking.model_store import VERSION_NUMBER, load_model
 from pipeline.tracking.promotion_lock import LOCK_SUFFIX, PromotionLock
 from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
@@ -122,8 +122,9 @@ def list_versions(name: str | None = None, *, tracking_uri: str | None = None) -
         aliases: dict[str, list[str]] = {}
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-        if "'" in model.name:  # registered by other tools: a quote cannot be searched for safely
-            log.warning("skipping registered model %r: its name has a quote", model.name)
+        if not NAME_PATTERN.fullmatch(model.name):  # registered by other tools: a quote or a trailing
+            # backslash would break the filter string below (and `models list` for every model)
+            log.warning("skipping registered model %r: its name is not one advtrain can search for", model.name)
             continue
         for v in client.search_model_versions(f"name = '{model.name}'"):
             row = {"name": v.name, **_version_row(v)}
@@ -197,7 +198,7 @@ def _resolve_version(client, ref: str):
             raise TrackingError(f"'{name}' has no alias '{alias}' (aliases: {aliases or 'none'})") from None
     name, _, version = ref.partition("/")
     _registered(client, name)
-    if not version.isdigit():
+    if not VERSION_NUMBER.fullmatch(version):
         raise TrackingError(f"'{ref}': the version must be a number (or use NAME@ALIAS)")
     try:
         return name, client.get_model_version(name, version)
@@ -221,6 +222,15 @@ def _alias_version(client, name: str, alias: str):
 # --------------------------------------------------------------------------- promote / rollback
 
 
+def check_promotion_request(name: str, version: str, alias: str) -> None:
+    """Refuse names MLflow would refuse or misread before any request: the alias (MLflow resolves
+    'latest' as a version), the version (a number or an alias) and the model name."""
+    checked_name(name, "--name")
+    checked_alias(alias, "--alias")
+    if not VERSION_NUMBER.fullmatch(str(version)):
+        checked_alias(str(version), "--version")
+
+
 def promote(
     name: str,
     version: str,
@@ -232,14 +242,11 @@ def promote(
 ) -> PromotionResult:
     """Check every gate for NAME/VERSION (VERSION may be an alias, e.g. `challenger`); move `alias` only
     if all pass. A refused or failed promotion changes nothing in the registry."""
-    checked_name(name, "--name")
-    checked_alias(alias, "--alias")  # before any read: MLflow would resolve 'latest' as a version
-    if not str(version).isdigit():
-        checked_alias(str(version), "--version")
+    check_promotion_request(name, version, alias)
     policy = policy or PromotionPolicy()
     uri = resolve_tracking_uri(tracking_uri or "")
     client = client_for(uri)
-    ref = f"{name}@{version}" if not str(version).isdigit() else f"{name}/{version}"
+    ref = f"{name}/{version}" if VERSION_NUMBER.fullmatch(str(version)) else f"{name}@{version}"
     _, target = _resolve_version(client, ref)
     if dry_run:
         champion = _alias_version(client, name, alias)
@@ -318,8 +325,10 @@ def _all_or_nothing(writes: list[_Write], what: str) -> None:
     done: list[_Write] = []
     try:
         for write in writes:
-            write[0]()
+            # Counted as done before it runs: a write that fails may still have reached the store (a
+            # lost reply), and every undo is idempotent (put back the value before, or delete).
             done.append(write)
+            write[0]()
     except MlflowException as err:
         undo_failed = []
         for _, undo in reversed(done):

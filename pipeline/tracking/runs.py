@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -71,6 +72,10 @@ def check_reachable(uri: str) -> None:
         return
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):
+            # It answered TLS: reachable. Its certificate is MLflow's business, which honours
+            # MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH and this probe does not.
+            return
         raise TrackingError(
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or fix tracking.uri / "
             "MLFLOW_TRACKING_URI"

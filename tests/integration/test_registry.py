@@ -256,9 +256,12 @@ def _cli(capsys, monkeypatch, uri, *argv: str) -> tuple[int, str]:
 
 
 def _whole_registry(uri) -> dict:
-    """Every registered model's aliases and tags, and every version's tags: the whole registry."""
+    """Every registered model's aliases and tags, and every version's tags: the whole registry (read
+    without name filters, which a model named with a quote would break)."""
     client = client_for(uri)
-    return {m.name: _snapshot(uri, m.name) for m in client.search_registered_models()}
+    models = {m.name: (dict(m.aliases), dict(m.tags)) for m in client.search_registered_models()}
+    versions = {(v.name, v.version): dict(v.tags) for v in client.search_model_versions()}
+    return {"models": models, "versions": versions}
 
 
 def test_refused_commands_exit_2_and_leave_the_whole_registry_as_it_was(
@@ -290,6 +293,22 @@ def test_refused_commands_exit_2_and_leave_the_whole_registry_as_it_was(
         assert _whole_registry(mlflow_server) == before, argv
     code, text = _cli(capsys, monkeypatch, mlflow_server, "models", "list")
     assert code == 0 and "promo " in text and "broken-history" not in text, text
+    # A documented refusal (a gate fails: worse than the champion) is exit 1, also through the CLI.
+    assert client.get_registered_model("promo").aliases["champion"] == v["at"]
+    code, text = _cli(
+        capsys,
+        monkeypatch,
+        mlflow_server,
+        "promote",
+        "--name",
+        "promo",
+        "--version",
+        v["undefended"],
+        "--policy",
+        str(policy),
+    )
+    assert code == 1 and "refused" in text and "beats_champion" in text, text
+    assert _whole_registry(mlflow_server) == before
 
 
 def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):

