@@ -228,6 +228,7 @@ def evaluate(
     Example: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from pipeline.evaluate import summary_text
     from pipeline.orchestrate.evaluation import run_evaluation
 
     rep = run_evaluation(
@@ -242,28 +243,7 @@ def evaluate(
         out_dir=out,
         ray_address=ray_address,
     )
-    typer.echo(_evaluation_summary(model, rep))
-
-
-def _evaluation_summary(model: str, rep: dict) -> str:
-    """The report's headline numbers, each attack's and each sanity check's, and the verdict."""
-    low, high = rep["robust_accuracy_ci95"]
-    lines = [
-        "",
-        f"{model}: {rep['threat_model']['norm']} eps={rep['threat_model']['eps']}, protocol {rep['protocol']['name']}, "
-        f"{rep['protocol']['num_examples']} examples, {rep['seconds']['total']:.0f}s",
-        f"  clean accuracy   {rep['clean_accuracy']:.4f}",
-        f"  robust accuracy  {rep['robust_accuracy']:.4f}  (95% CI {low:.4f}-{high:.4f})",
-    ]
-    lines += [f"    after {name:9s} {acc:.4f}" for name, acc in rep["accuracy_after_each_attack"].items()]
-    if rep["sanity"]:
-        for name, check in rep["sanity"]["checks"].items():
-            lines.append(f"  sanity {name:26s} {'pass' if check['passed'] else 'FAIL'}")
-        lines.append(
-            f"  verdict          {'SUSPECT (a sanity check failed)' if rep['suspect'] else 'all sanity checks passed'}"
-        )
-    lines.append(f"  report           {rep['report_dir']}")
-    return "\n".join(lines)
+    typer.echo(summary_text(model, rep))
 
 
 @models_app.command("list")

@@ -33,8 +33,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         # An earlier local instance's dashboard (set below) is not this cluster's: it must not leak into it.
-        if os.environ.get("RAY_API_SERVER_ADDRESS") == _local_dashboard.get("url"):
-            os.environ.pop("RAY_API_SERVER_ADDRESS")
+        if "url" in _local_dashboard and os.environ.get("RAY_API_SERVER_ADDRESS") == _local_dashboard["url"]:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
         ray.init(address=address, log_to_driver=True)
     else:
         # Every process of this instance must know that it is its cluster: Ray Train's placement-group
