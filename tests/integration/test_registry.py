@@ -317,7 +317,7 @@ def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
     v, _ = versions
     client = client_for(mlflow_server)
     model = client.get_registered_model("promo")
-    before = _snapshot(mlflow_server, "promo")
+    before = _whole_registry(mlflow_server)
     record = registry._event("promote", "champion", v["at"], None)
     writes = [
         registry._history_write(client, model, record),
@@ -331,11 +331,12 @@ def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
         ),
         registry._version_tag_write(client, "promo", v["at"], "promotion.new-tag", "x", None),
         registry._alias_write(client, model, "champion", v["undefended"]),
+        registry._alias_write(client, model, "an-alias-that-did-not-exist", v["at"]),
         registry._alias_write(client, model, "previous-champion", "999"),
     ]
     with pytest.raises(TrackingError, match="every earlier write was undone: the registry is as it was"):
         registry._all_or_nothing(writes, "a promotion")
-    assert _snapshot(mlflow_server, "promo") == before
+    assert _whole_registry(mlflow_server) == before
 
 
 def test_a_crashed_holders_lock_with_an_unreadable_timestamp_is_still_broken(mlflow_server, monkeypatch):
