@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from synthetic import random_splits
 
 from pipeline.data import (
     DataError,
@@ -26,17 +27,9 @@ from pipeline.data import (
 )
 
 
-def _random_splits(n=40, shape=(1, 8, 8), classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        s: (rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, classes, n).astype(np.int64))
-        for s in ("train", "val", "test")
-    }
-
-
 @pytest.fixture
 def dataset(tmp_path):
-    splits = _random_splits()
+    splits = random_splits()
     write_dataset(tmp_path / "ds", splits, class_names=list("abcd"), source="test", rows_per_file=15)
     return tmp_path / "ds", splits
 

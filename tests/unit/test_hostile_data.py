@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import random_splits
 
 from pipeline.data import (
     CIFAR10_TRAIN_BATCHES,
@@ -38,19 +39,11 @@ from pipeline.data import (
 # --------------------------------------------------------------------------- helpers
 
 
-def _random_splits(n=40, shape=(1, 8, 8), classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        s: (rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, classes, n).astype(np.int64))
-        for s in ("train", "val", "test")
-    }
-
-
 @pytest.fixture
 def dataset(tmp_path):
     """A valid dataset of 40 rows per split, 15 rows per file (3 files per split), classes a-d."""
     path = tmp_path / "ds"
-    write_dataset(path, _random_splits(), class_names=list("abcd"), source="test", rows_per_file=15)
+    write_dataset(path, random_splits(), class_names=list("abcd"), source="test", rows_per_file=15)
     return path
 
 
@@ -272,7 +265,7 @@ class TestLyingMetadata:
         _refused(lambda: validate_dataset(dataset), "train/part-00001.parquet: 15 rows but metadata.json says 16")
 
     def test_written_labels_out_of_range_are_refused(self, tmp_path):
-        splits = _random_splits()
+        splits = random_splits()
         splits["val"][1][7] = 4
         _refused(
             lambda: write_dataset(tmp_path / "out", splits, class_names=list("abcd"), source="s"),
@@ -307,7 +300,7 @@ class TestPathEscapes:
     def other(self, tmp_path):
         """A second, valid dataset of the same shape whose files an escaping entry would read."""
         path = tmp_path / "other"
-        write_dataset(path, _random_splits(seed=9), class_names=list("abcd"), source="other", rows_per_file=15)
+        write_dataset(path, random_splits(seed=9), class_names=list("abcd"), source="other", rows_per_file=15)
         return path
 
     @pytest.mark.parametrize(
@@ -776,7 +769,7 @@ class TestFuzzMetadata:
         """300 seeded mutations of a valid metadata.json: reading and validating the dataset either works or
         raises DataError naming the dataset; any other exception type fails the test with its traceback."""
         path = tmp_path / "ds"
-        write_dataset(path, _random_splits(n=20), class_names=list("abcd"), source="fuzz", rows_per_file=10)
+        write_dataset(path, random_splits(n=20), class_names=list("abcd"), source="fuzz", rows_per_file=10)
         text = (path / "metadata.json").read_text()
         meta = json.loads(text)
         files_before = {k: v for k, v in _tree(path).items() if k != "metadata.json"}
