@@ -12,7 +12,8 @@ Promotions and rollbacks of one registered model are serialised by a lock that l
 itself: creating the registered model `<name>.promotion-lock` succeeds for exactly one process (the
 tracking store's unique name constraint), from any machine. A lock older than `LOCK_STALE_S` (a
 crashed holder) is broken (pipeline.tracking.promotion_lock). Every write of a promotion or rollback is
-computed before the first one, and a failure part-way undoes the writes before it. Talks to MLflow
+computed before the first one, and a failure part-way undoes the writes before it
+(pipeline.tracking.registry_writes). Talks to MLflow
 through pipeline.tracking.runs's client.
 """
 
@@ -23,7 +24,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from pipeline.errors import NAME_PATTERN, checked_alias, checked_name
 from pipeline.tracking.gates import Gate, PromotionPolicy, check_gates, load_policy
 from pipeline.tracking.model_store import VERSION_NUMBER, load_model
 from pipeline.tracking.promotion_lock import LOCK_SUFFIX, PromotionLock
+from pipeline.tracking.registry_writes import Write, alias_write, all_or_nothing, model_tag_write, version_tag_write
 from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -284,11 +285,11 @@ def _record_promotion(client, name: str, target, champion, alias: str, gates: li
         "promotion.previous": record["previous"] or "",
         "promotion.gates": json.dumps([asdict(g) for g in gates]),
     }.items():
-        writes.append(_version_tag_write(client, name, version, key, value, target.tags.get(key)))
+        writes.append(version_tag_write(client, name, version, key, value, target.tags.get(key)))
     if champion is not None and alias == CHAMPION:
-        writes.append(_alias_write(client, model, PREVIOUS, str(champion.version)))
-    writes.append(_alias_write(client, model, alias, version))
-    _all_or_nothing(writes, f"promotion of '{name}' version {version} to '{alias}'")
+        writes.append(alias_write(client, model, PREVIOUS, str(champion.version)))
+    writes.append(alias_write(client, model, alias, version))
+    all_or_nothing(writes, f"promotion of '{name}' version {version} to '{alias}'")
 
 
 def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -309,78 +310,16 @@ def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = Non
             raise TrackingError(f"'{name}': no earlier {alias} recorded before version {current.version}")
         before_previous = _replaced_by(history, alias, previous)
         record = _event("rollback", alias, previous, str(current.version))
-        writes = [_history_write(client, model, record), _alias_write(client, model, alias, previous)]
+        writes = [_history_write(client, model, record), alias_write(client, model, alias, previous)]
         if alias == CHAMPION:
-            writes.append(_alias_write(client, model, PREVIOUS, before_previous))
-        _all_or_nothing(writes, f"rollback of '{name}' '{alias}' to version {previous}")
+            writes.append(alias_write(client, model, PREVIOUS, before_previous))
+        all_or_nothing(writes, f"rollback of '{name}' '{alias}' to version {previous}")
         return record
 
 
-# A registry write and its undo: each `_*_write` reads what it will replace when it is built, before
-# any write, so that a failure part-way can put back exactly what was there.
-_Write = tuple[Callable[[], None], Callable[[], None]]
-
-
-def _all_or_nothing(writes: list[_Write], what: str) -> None:
-    done: list[_Write] = []
-    try:
-        for write in writes:
-            # Counted as done before it runs: a write that fails may still have reached the store (a
-            # lost reply), and every undo is idempotent (put back the value before, or delete).
-            done.append(write)
-            write[0]()
-    except MlflowException as err:
-        undo_failed = []
-        for _, undo in reversed(done):
-            try:
-                undo()
-            except MlflowException as undo_err:
-                undo_failed.append(str(undo_err).splitlines()[0])
-        state = (
-            "every earlier write was undone: the registry is as it was"
-            if not undo_failed
-            else f"undoing the earlier writes ALSO failed ({'; '.join(undo_failed)}): check `advtrain models show`"
-        )
-        raise TrackingError(f"{what} failed while writing ({str(err).splitlines()[0]}); {state}") from None
-
-
-def _history_write(client, model, record: dict[str, Any]) -> _Write:
-    before = model.tags.get(HISTORY_TAG)
-    text = _history_text([*_history(model), record])
-    return (
-        lambda: client.set_registered_model_tag(model.name, HISTORY_TAG, text),
-        lambda: _restore_model_tag(client, model.name, HISTORY_TAG, before),
-    )
-
-
-def _restore_model_tag(client, name: str, key: str, value: str | None) -> None:
-    if value is None:
-        client.delete_registered_model_tag(name, key)
-    else:
-        client.set_registered_model_tag(name, key, value)
-
-
-def _version_tag_write(client, name: str, version: str, key: str, value: str, before: str | None) -> _Write:
-    def undo() -> None:
-        if before is None:
-            client.delete_model_version_tag(name, version, key)
-        else:
-            client.set_model_version_tag(name, version, key, before)
-
-    return lambda: client.set_model_version_tag(name, version, key, value), undo
-
-
-def _alias_write(client, model, alias: str, version: str | None) -> _Write:
-    """Point `alias` at `version` (None: remove it)."""
-    before = model.aliases.get(alias)
-
-    def point(target: str | None) -> None:
-        if target is not None:
-            client.set_registered_model_alias(model.name, alias, str(target))
-        elif alias in client.get_registered_model(model.name).aliases:
-            client.delete_registered_model_alias(model.name, alias)
-
-    return lambda: point(version), lambda: point(before)
+def _history_write(client, model, record: dict[str, Any]) -> Write:
+    text = _history_text([*_history(model), record])  # refuses a history tag that is not a history
+    return model_tag_write(client, model, HISTORY_TAG, text)
 
 
 def _replaced_by(history: list[dict[str, Any]], alias: str, version: str) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.orchestrate.evaluation import run_evaluation
-from pipeline.tracking import model_store, promotion_lock, registry
+from pipeline.tracking import model_store, promotion_lock, registry, registry_writes
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.registry import PromotionPolicy
 from pipeline.tracking.runs import TrackingError, client_for
@@ -321,7 +321,7 @@ def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
     record = registry._event("promote", "champion", v["at"], None)
     writes = [
         registry._history_write(client, model, record),
-        registry._version_tag_write(
+        registry_writes.version_tag_write(
             client,
             "promo",
             v["at"],
@@ -329,13 +329,13 @@ def test_a_write_failing_midway_is_undone_and_said(versions, mlflow_server):
             "x",
             client.get_model_version("promo", v["at"]).tags.get("promotion.by"),
         ),
-        registry._version_tag_write(client, "promo", v["at"], "promotion.new-tag", "x", None),
-        registry._alias_write(client, model, "champion", v["undefended"]),
-        registry._alias_write(client, model, "an-alias-that-did-not-exist", v["at"]),
-        registry._alias_write(client, model, "previous-champion", "999"),
+        registry_writes.version_tag_write(client, "promo", v["at"], "promotion.new-tag", "x", None),
+        registry_writes.alias_write(client, model, "champion", v["undefended"]),
+        registry_writes.alias_write(client, model, "an-alias-that-did-not-exist", v["at"]),
+        registry_writes.alias_write(client, model, "previous-champion", "999"),
     ]
     with pytest.raises(TrackingError, match="every earlier write was undone: the registry is as it was"):
-        registry._all_or_nothing(writes, "a promotion")
+        registry_writes.all_or_nothing(writes, "a promotion")
     assert _whole_registry(mlflow_server) == before
 
 
