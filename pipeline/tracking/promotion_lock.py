@@ -15,17 +15,13 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_ALREADY_EXISTS,
     RESOURCE_DOES_NOT_EXIST,
     TEMPORARILY_UNAVAILABLE,
-    ErrorCode,
 )
 
 from pipeline.errors import TrackingError
+from pipeline.tracking.runs import code_in
 
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_STALE_S = 600.0
-
-
-def _code_in(err: MlflowException, codes: tuple[int, ...]) -> bool:
-    return err.error_code in {ErrorCode.Name(code) for code in codes}
 
 
 _NOT_FOUND = (RESOURCE_DOES_NOT_EXIST,)
@@ -54,7 +50,7 @@ class PromotionLock:
                 )
                 return self
             except MlflowException as err:
-                if not _code_in(err, _LOCK_BUSY):
+                if not code_in(err, _LOCK_BUSY):
                     raise
             self._break_if_stale()
             if time.monotonic() > deadline:
@@ -68,14 +64,14 @@ class PromotionLock:
         try:
             lock = self.client.get_registered_model(self.lock_name)
         except MlflowException as err:
-            if _code_in(err, (RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)):  # released, or busy: retry
+            if code_in(err, (RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)):  # released, or busy: retry
                 return
             raise
         if _lock_age_s(lock) > LOCK_STALE_S:
             try:
                 self.client.delete_registered_model(self.lock_name)
             except MlflowException as err:
-                if not _code_in(err, _NOT_FOUND):  # someone else broke it first
+                if not code_in(err, _NOT_FOUND):  # someone else broke it first
                     raise
 
     def __exit__(self, *exc: object) -> None:

@@ -33,7 +33,6 @@ from mlflow.protos.databricks_pb2 import (
     PERMISSION_DENIED,
     RESOURCE_DOES_NOT_EXIST,
     UNAUTHENTICATED,
-    ErrorCode,
 )
 
 from pipeline.errors import NAME_PATTERN, checked_alias, checked_name
@@ -41,7 +40,7 @@ from pipeline.tracking.gates import Gate, PromotionPolicy, check_gates, load_pol
 from pipeline.tracking.model_store import VERSION_NUMBER, load_model
 from pipeline.tracking.promotion_lock import LOCK_SUFFIX, PromotionLock
 from pipeline.tracking.registry_writes import Write, alias_write, all_or_nothing, model_tag_write, version_tag_write
-from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
+from pipeline.tracking.runs import TrackingError, client_for, code_in, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,6 @@ HISTORY_TAG = "advtrain.champion_history"
 # error (server unreachable, 401/403, a broken store) is re-raised, never reported as "not found".
 _NO_SUCH_NAME = (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE)
 _NOT_FOUND = (RESOURCE_DOES_NOT_EXIST,)
-
-
-def _code_in(err: MlflowException, codes: tuple[int, ...]) -> bool:
-    return err.error_code in {ErrorCode.Name(code) for code in codes}
 
 
 @dataclass
@@ -155,14 +150,14 @@ def _registered(client, name: str):
         return client.get_registered_model(name)
     except MlflowException as err:
         _raise_if_refused(err)
-        if not _code_in(err, _NO_SUCH_NAME):
+        if not code_in(err, _NO_SUCH_NAME):
             raise
         raise TrackingError(f"no registered model named '{name}'; `advtrain models list` shows them") from None
 
 
 def _raise_if_refused(err: MlflowException) -> None:
     """A TrackingError for the server refusing us (credentials, permissions), which the user must fix."""
-    if _code_in(err, (UNAUTHENTICATED, PERMISSION_DENIED)):
+    if code_in(err, (UNAUTHENTICATED, PERMISSION_DENIED)):
         raise TrackingError(
             f"the tracking server refused the request ({err.error_code}): set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to credentials allowed to do this"
@@ -193,7 +188,7 @@ def _resolve_version(client, ref: str):
         try:
             return name, client.get_model_version_by_alias(name, alias)
         except MlflowException as err:
-            if not _code_in(err, _NO_SUCH_NAME):
+            if not code_in(err, _NO_SUCH_NAME):
                 raise
             aliases = sorted(client.get_registered_model(name).aliases)
             raise TrackingError(f"'{name}' has no alias '{alias}' (aliases: {aliases or 'none'})") from None
@@ -204,7 +199,7 @@ def _resolve_version(client, ref: str):
     try:
         return name, client.get_model_version(name, version)
     except MlflowException as err:
-        if not _code_in(err, _NOT_FOUND):
+        if not code_in(err, _NOT_FOUND):
             raise
         raise TrackingError(f"registered model '{name}' has no version {version}") from None
 
@@ -214,7 +209,7 @@ def _alias_version(client, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        if not _code_in(err, _NO_SUCH_NAME):
+        if not code_in(err, _NO_SUCH_NAME):
             raise
     _registered(client, name)  # tell a missing model apart from a missing alias
     return None
@@ -310,15 +305,17 @@ def rollback(name: str, *, alias: str = CHAMPION, tracking_uri: str | None = Non
             raise TrackingError(f"'{name}': no earlier {alias} recorded before version {current.version}")
         before_previous = _replaced_by(history, alias, previous)
         record = _event("rollback", alias, previous, str(current.version))
-        writes = [_history_write(client, model, record), alias_write(client, model, alias, previous)]
+        writes = [_history_write(client, model, record, history), alias_write(client, model, alias, previous)]
         if alias == CHAMPION:
             writes.append(alias_write(client, model, PREVIOUS, before_previous))
         all_or_nothing(writes, f"rollback of '{name}' '{alias}' to version {previous}")
         return record
 
 
-def _history_write(client, model, record: dict[str, Any]) -> Write:
-    text = _history_text([*_history(model), record])  # refuses a history tag that is not a history
+def _history_write(client, model, record: dict[str, Any], history: list[dict[str, Any]] | None = None) -> Write:
+    """Append `record` to the history (`history`: as already read from `model`, else read here, which
+    refuses a history tag that is not a history)."""
+    text = _history_text([*(_history(model) if history is None else history), record])
     return model_tag_write(client, model, HISTORY_TAG, text)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import TrackingError
@@ -51,6 +52,11 @@ def resolve_tracking_uri(configured: str = "", *, cwd: str | Path | None = None)
             "or http://HOST:PORT of an `mlflow server`"
         )
     return uri
+
+
+def code_in(err: MlflowException, codes: tuple[int, ...]) -> bool:
+    """Whether MLflow's error carries one of `codes` (databricks_pb2 error codes)."""
+    return err.error_code in {ErrorCode.Name(code) for code in codes}
 
 
 def client_for(uri: str) -> MlflowClient:
