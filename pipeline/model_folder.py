@@ -8,25 +8,70 @@ ModelError naming the file. No mlflow here: pipeline.tracking.model_store logs a
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.data import sha256_file
 from pipeline.errors import ModelError, WeightsChangedError
-from pipeline.models import build_model, check_architecture
+from pipeline.models import build_model, check_architecture, is_import_path, weights_fit_problems
+from pipeline.models.pretrained import read_header
+from pipeline.models.user import import_shipped
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
+# A user model's code, beside the architecture (a local folder) or one level up (MLflow's model layout,
+# where code_paths land in code/ and the two files in artifacts/).
+CODE_FOLDER = "code"
+CODE_CACHE = Path(tempfile.gettempdir()) / "advtrain-code"
+_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".git")
 
 
-def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
-    """Write model.safetensors + architecture.json to `folder`; returns the weights' sha256."""
+def copy_code(code: Path, into: Path) -> None:
+    """The user's package folder or single module file, copied into `into` (sources only)."""
+    into.mkdir(parents=True, exist_ok=True)
+    if code.is_dir():
+        shutil.copytree(code, into / code.name, ignore=_IGNORED, dirs_exist_ok=True)
+    else:
+        shutil.copy2(code, into / code.name)
+
+
+def shipped_code(arch_file: Path, arch: dict[str, Any]) -> Path | None:
+    """For a user model: a lasting copy of its shipped code folder (the model folder may be a temporary
+    download), keyed by the weights' digest; None for a built-in."""
+    if not is_import_path(arch["name"]):
+        return None
+    for folder in (arch_file.parent / CODE_FOLDER, arch_file.parent.parent / CODE_FOLDER):
+        source = folder / arch["code"]
+        if source.exists():
+            cache = CODE_CACHE / arch.get("weights_sha256", "unsaved")[:32]
+            if not (cache / arch["code"]).exists():
+                CODE_CACHE.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(dir=CODE_CACHE))
+                copy_code(source, staging)
+                try:
+                    staging.rename(cache)
+                except OSError:  # another process put it there first
+                    shutil.rmtree(staging, ignore_errors=True)
+            return cache
+    raise ModelError(
+        f"{arch_file}: model {arch['name']!r} needs its code {arch['code']!r}, which is not in {CODE_FOLDER}/ "
+        "beside it; the model was saved without its code: save or register it again"
+    )
+
+
+def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path, *, code: Path | None = None) -> str:
+    """Write model.safetensors + architecture.json to `folder` (and a user model's package or module,
+    `code`, to folder/code/, MLflow's layout for code_paths); returns the weights' sha256."""
     folder.mkdir(parents=True, exist_ok=True)
+    if code is not None:
+        copy_code(code, folder / CODE_FOLDER)
     # contiguous: safetensors stores dense row-major tensors only, and conv weights are channels_last.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
@@ -40,15 +85,15 @@ def save_weights(model: nn.Module, arch: dict[str, Any], folder: Path) -> str:
 # recursive search of a folder like / would walk the whole disk and load the first match.
 MODEL_SUBFOLDERS = (".", "artifacts")
 MAX_ARCH_BYTES = 64 * 1024  # an architecture record is a few hundred bytes
-MAX_LISTED = 5  # names shown per kind of mismatch between weights and architecture
-# safetensors' dtype names of the tensors an advtrain model holds (float32 weights, int64 BN counters).
-_DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.int64: "I64"}
 
 
 def load_folder(folder: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str, dict]:
     arch_file, weights = model_files(Path(folder))
     arch = _read_architecture(arch_file)
     digest = _verified_sha256(weights, arch_file, arch, expected_sha256)
+    code = shipped_code(arch_file, {**arch, "weights_sha256": digest})
+    if code is not None:
+        import_shipped(arch["name"], code)
     model = _build_with_weights(arch, arch_file, weights)
     return model.eval(), digest, arch
 
@@ -142,7 +187,7 @@ def _verified_sha256(weights: Path, arch_file: Path, arch: dict[str, Any], expec
 def _build_with_weights(arch: dict[str, Any], arch_file: Path, weights: Path) -> nn.Module:
     """The network with its weights; the file's tensors are checked against a skeleton on the meta device
     first, so a mismatch costs no memory and reports every key at once (load_state_dict stops at one)."""
-    header = _weights_header(weights)
+    header = read_header(weights)
     with torch.device("meta"):
         skeleton = _build(arch, arch_file)
     _check_weights_fit(skeleton.state_dict(), header, weights, arch_file)
@@ -162,39 +207,10 @@ def _build(arch: dict[str, Any], arch_file: Path) -> nn.Module:
         raise ModelError(f"{arch_file}: {err}") from None
 
 
-def _weights_header(weights: Path) -> dict[str, tuple[str, list[int]]]:
-    """Tensor name -> (dtype, shape) from the safetensors header (which also checks the file's length)."""
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            names = f.keys()  # a safe_open handle is not iterable
-            return {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in names}
-    except (SafetensorError, OSError) as err:
-        raise ModelError(
-            f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt: "
-            "copy or download it again, or re-save the model"
-        ) from None
-
-
 def _check_weights_fit(
     state: dict[str, torch.Tensor], header: dict[str, tuple[str, list[int]]], weights: Path, arch_file: Path
 ) -> None:
-    missing = [key for key in state if key not in header]
-    unexpected = [key for key in header if key not in state]
-    mismatched = [
-        f"{key} (file {dtype}{shape}, model {_DTYPE_NAMES.get(state[key].dtype, state[key].dtype)}"
-        f"{list(state[key].shape)})"
-        for key, (dtype, shape) in header.items()
-        if key in state and (list(shape), dtype) != (list(state[key].shape), _DTYPE_NAMES.get(state[key].dtype))
-    ]
-    problems = [
-        f"{what} ({len(items)}): {', '.join(items[:MAX_LISTED])}{', ...' if len(items) > MAX_LISTED else ''}"
-        for what, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape/dtype mismatches", mismatched),
-        )
-        if items
-    ]
+    problems = weights_fit_problems(state, header)
     if problems:
         raise ModelError(
             f"{weights}: the weights do not fit the architecture in {arch_file}: {'; '.join(problems)}. "

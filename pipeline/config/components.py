@@ -5,7 +5,9 @@ paper it implements."""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import re
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -116,24 +118,84 @@ class DataConfig(_Component):
     )
 
 
+# package.module:function (Python identifiers); a module path inside a network (`fc`, `classifier.5`).
+_IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_INIT_URI = re.compile(
+    r"(models:/[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9_.-]{1,255}|/[0-9]{1,9})|runs:/[0-9A-Za-z]{1,64}/model)"
+)
+MAX_KWARGS_JSON = 16 * 1024
+
+
+class NormalizeConfig(_Component):
+    """Per-channel (x - mean) / std in front of the network; empty lists: none."""
+
+    mean: list[float] = Field(default=[], max_length=64, description="Per-channel mean, pixel space [0,1].")
+    std: list[float] = Field(default=[], max_length=64, description="Per-channel std (> 0), pixel space [0,1].")
+
+    @model_validator(mode="after")
+    def _paired(self) -> NormalizeConfig:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std need one value per channel each; got {len(self.mean)} and {len(self.std)}")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        return self
+
+
 class ModelConfig(_Component):
-    """The network: a built-in architecture behind a Normalize layer, so it takes pixels in [0,1]. Its
-    architecture record (name, width, depth, activation, shape, classes) is stored beside the weights."""
+    """The network: a built-in architecture or the user's own `package.module:function`, behind an optional
+    normalisation layer, so it takes pixels in [0,1]. Its architecture record (name, settings, shape,
+    classes) is stored beside the weights; a user model's code is shipped and logged with it."""
 
     name: str = Field(
         default="small_cnn",
         description="A built-in architecture (pipeline.models.MODELS): small_cnn (two conv blocks + MLP, the "
         "TRADES MNIST net scaled; square images with a side divisible by 4), preact_resnet18 (PreAct "
         "ResNet-18, He et al. 2016, the net of Wong et al. 2020 and Rice et al. 2020), wide_resnet "
-        "(WRN-depth-width, Zagoruyko & Komodakis 2016).",
+        "(WRN-depth-width, Zagoruyko & Komodakis 2016); or an import path `package.module:function` of the "
+        "user's code, called with model.kwargs, returning a torch.nn.Module that takes (N,C,H,W) images. Its "
+        "package (or single-file module) is shipped to the Ray workers and logged with every registered "
+        "version, so the model rebuilds anywhere without pickle. Run from the folder that holds the package, "
+        "or put it on PYTHONPATH.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default={},
+        description="User models only: keyword arguments of the model function (a TOML table; JSON-able values; "
+        "override one with `--set model.kwargs.NAME=VALUE`).",
+    )
+    normalize: NormalizeConfig = Field(
+        default=NormalizeConfig(),
+        description="`{ mean = [...], std = [...] }`: (x - mean) / std per channel in front of the network, for "
+        "a network trained on normalised inputs; the model still takes pixels in [0,1]. Empty: built-ins use the "
+        "train split's statistics, user models get no normalisation (the network takes [0,1] pixels).",
+    )
+    output: int | str = Field(
+        default="",
+        description="User models only: which part of the network's output holds the logits, an index into a "
+        "tuple/list output or a key of a dict output. Empty: the output is the logits tensor itself.",
+    )
+    init: str = Field(
+        default="",
+        description="Pretrained weights to start from: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model "
+        "or a .safetensors file (an advtrain model's or the network's own state_dict). Every key must match the "
+        "network exactly (a mismatch lists missing and unexpected keys and shape mismatches), except the layer "
+        "model.reset_head replaces. Ignored when the run resumes from its own checkpoint. Empty: random init.",
+    )
+    reset_head: str = Field(
+        default="",
+        max_length=200,
+        description="Module path of the network's final nn.Linear (e.g. `fc`, `classifier.5` for small_cnn, "
+        "`linear` for the ResNets): replaced by a fresh layer with the dataset's number of classes (fine-tuning "
+        "on new classes; the layer's weights in model.init are skipped). Recorded with the model, so loading "
+        "rebuilds the same network. Empty: keep the network as built.",
     )
     width: int = Field(
         default=1,
         ge=1,
         le=64,
-        description="Width multiplier: channels times this for small_cnn (32/64 conv channels, 200 hidden) and "
-        "preact_resnet18 (64 base channels); wide_resnet's k (10 for WRN-34-10). Compute grows about as its "
-        "square.",
+        description="Built-ins: width multiplier: channels times this for small_cnn (32/64 conv channels, 200 "
+        "hidden) and preact_resnet18 (64 base channels); wide_resnet's k (10 for WRN-34-10). Compute grows about "
+        "as its square.",
     )
     depth: int = Field(
         default=16,
@@ -144,15 +206,65 @@ class ModelConfig(_Component):
     )
     activation: Literal["relu", "silu", "gelu"] = Field(
         default="relu",
-        description="Nonlinearity; silu/gelu are smooth (Xie et al. 2020, arXiv:2006.14536), same weights and "
-        "cost. Measured here (FGSM-RS, Fashion-MNIST, small_cnn) SiLU was 5.6 points below ReLU in robust "
-        "accuracy, so the recipes keep relu.",
+        description="Built-ins: nonlinearity; silu/gelu are smooth (Xie et al. 2020, arXiv:2006.14536), same "
+        "weights and cost. Measured here (FGSM-RS, Fashion-MNIST, small_cnn) SiLU was 5.6 points below ReLU in "
+        "robust accuracy, so the recipes keep relu.",
     )
 
     @field_validator("name")
     @classmethod
     def _registered(cls, value: str) -> str:
+        if ":" in value:
+            if not _IMPORT_PATH.fullmatch(value) or len(value) > 200:
+                raise ValueError(
+                    f"{value!r} is not an import path: expected package.module:function (Python identifiers)"
+                )
+            return value
         return plugin_name("model.name", value)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _json_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"values must be strings, numbers, booleans, arrays or tables ({err})") from None
+        if len(text) > MAX_KWARGS_JSON:
+            raise ValueError(f"{len(text)} bytes as JSON; keep model.kwargs under {MAX_KWARGS_JSON}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: int | str) -> int | str:
+        if (isinstance(value, int) and not 0 <= value < 1000) or (isinstance(value, str) and len(value) > 128):
+            raise ValueError("expected an index 0-999, a dict key (up to 128 characters) or empty")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, value: str) -> str:
+        if value and value.startswith(("models:/", "runs:/")) and not _INIT_URI.fullmatch(value):
+            raise ValueError(f"{value!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model")
+        if value and not value.startswith(("models:/", "runs:/")) and not value.endswith(".safetensors"):
+            raise ValueError(f"{value!r}: expected a .safetensors file or a models:/ or runs:/ URI")
+        return value
+
+    @field_validator("reset_head")
+    @classmethod
+    def _head(cls, value: str) -> str:
+        if value and not _MODULE_PATH.fullmatch(value):
+            raise ValueError(f"{value!r} is not a module path such as fc or classifier.5")
+        return value
+
+    @model_validator(mode="after")
+    def _user_only(self) -> ModelConfig:
+        user = ":" in self.name
+        if not user and (self.kwargs or self.output != ""):
+            raise ValueError(
+                f"model.kwargs and model.output are for user models (package.module:function); the built-in "
+                f"{self.name!r} takes width, depth and activation"
+            )
+        return self
 
 
 class OptimConfig(_Component):
@@ -193,6 +305,14 @@ class OptimConfig(_Component):
         gt=0.0,
         le=1.0,
         description="piecewise: factor applied at each milestone (0.1 = 10x lower).",
+    )
+    backbone_lr_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Fine-tuning: optim.lr times this for every parameter outside model.reset_head's new layer "
+        "(which learns at optim.lr), e.g. 0.1 to move pretrained features less than the fresh head. Needs "
+        "model.reset_head when below 1.",
     )
 
     @model_validator(mode="after")
@@ -318,5 +438,10 @@ class Config(_Component):
             raise ValueError(
                 f"method.awp_gamma applies to {takes}, not {self.method.name} (its replays step weights and "
                 "perturbation from one backward): set method.awp_gamma = 0 or change method.name"
+            )
+        if self.optim.backbone_lr_scale < 1.0 and not self.model.reset_head:
+            raise ValueError(
+                "optim.backbone_lr_scale < 1 scales every parameter but the new head's: set model.reset_head to "
+                "the network's final linear layer (e.g. 'fc'), or optim.backbone_lr_scale = 1"
             )
         return self

@@ -7,6 +7,7 @@ errors are rewritten to name the dotted key and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{item}' must look like table.key=value, e.g. attack.eps=0.1")
     key, text = item.split("=", 1)
     key = key.strip()
-    if key.count(".") != 1:
-        raise ConfigError(f"override key '{key}' must be table.key, e.g. attack.eps")
+    if key.count(".") not in (1, 2):
+        raise ConfigError(
+            f"override key '{key}' must be table.key (e.g. attack.eps) or table.key.entry for a table value "
+            "(e.g. model.kwargs.depth)"
+        )
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -77,11 +81,25 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             raise ConfigError(f"[{table}] must be a table of keys, got {values!r}")
     merged = {table: dict(values) for table, values in raw.items()}
     for key, value in overrides.items():
-        if key.count(".") != 1:
+        parts = key.split(".")
+        if len(parts) == 2:
+            merged.setdefault(parts[0], {})[parts[1]] = value
+            continue
+        if len(parts) != 3:
             raise ConfigError(f"override key '{key}' must be table.key, e.g. attack.eps")
-        table, name = key.split(".", 1)
-        merged.setdefault(table, {})[name] = value
+        table, name, entry = parts
+        inner = merged.setdefault(table, {}).get(name, {})
+        if not isinstance(inner, dict) or name not in _TABLE_VALUED.get(table, ()):
+            raise ConfigError(
+                f"override key '{key}': {table}.{name} is not a table; table.key.entry is for "
+                + ", ".join(f"{t}.{k}" for t, keys in _TABLE_VALUED.items() for k in keys)
+            )
+        merged[table][name] = {**inner, entry: value}
     return merged
+
+
+# The keys whose value is itself a table, so `--set table.key.entry=value` sets one entry of it.
+_TABLE_VALUED = {"model": ("kwargs", "normalize")}
 
 
 def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
@@ -122,7 +140,11 @@ def read_toml(path: str | Path, what: str, *, hint: str = "") -> dict[str, Any]:
 
 def flat_params(config: Config) -> dict[str, Any]:
     """{"attack.eps": 0.2, ...}: the MLflow params view, same keys as overrides."""
-    return {f"{table}.{key}": value for table, values in config.model_dump().items() for key, value in values.items()}
+    return {
+        f"{table}.{key}": json.dumps(value) if isinstance(value, dict) else value
+        for table, values in config.model_dump().items()
+        for key, value in values.items()
+    }
 
 
 def to_toml(config: Config) -> str:
@@ -137,6 +159,8 @@ def to_toml(config: Config) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
@@ -144,3 +168,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else _toml_value(key)

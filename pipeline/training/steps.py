@@ -19,12 +19,24 @@ from pipeline.training.perturbation import perturb_weights, restore_weights
 from pipeline.training.plan import EpochPlan
 
 
-def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: OptimConfig, *, head: set[str] = frozenset()) -> torch.optim.Optimizer:
+    """SGD or Adam over the model's parameters; with optim.backbone_lr_scale < 1, the parameters named in
+    `head` (the new head of a fine-tuning run) form the first group at optim.lr and every other parameter a
+    second group at optim.lr x backbone_lr_scale (the LR schedule multiplies both)."""
+    groups: list[dict] | object = model.parameters()
+    if config.backbone_lr_scale < 1.0:
+        named = list(model.named_parameters())
+        # A DDP wrapper prefixes every name with "module."
+        is_head = {name: name.removeprefix("module.") in head for name, _ in named}
+        groups = [
+            {"params": [p for name, p in named if is_head[name]], "lr": config.lr},
+            {"params": [p for name, p in named if not is_head[name]], "lr": config.lr * config.backbone_lr_scale},
+        ]
     if config.name == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=False
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=False
         )
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def make_scheduler(

@@ -23,7 +23,7 @@ from pipeline import data as data_lib
 from pipeline.config import Config, to_toml
 from pipeline.methods import method_spec
 from pipeline.methods import replays as method_replays
-from pipeline.models import build_model
+from pipeline.models import build_model, head_parameter_names, load_pretrained
 from pipeline.training import steps
 from pipeline.training.guard import collapsed, fallback_training
 from pipeline.training.plan import EpochPlan, plan_epoch
@@ -75,7 +75,10 @@ class Trainer:
     def _build_state(self) -> TrainState:
         config, world = self.config, self.world
         torch.manual_seed(config.run.seed)  # same initial weights on every rank (DDP also broadcasts)
-        self.model = world.prepare_model(build_model(self.arch))
+        model = build_model(self.arch)
+        if config.model.init:  # a local .safetensors file: the driver resolves models:/ and runs:/ URIs
+            load_pretrained(model, config.model.init, arch=self.arch)
+        self.model = world.prepare_model(model)
         network = self.model.module if hasattr(self.model, "module") else self.model  # unwrapped: no DDP hooks
         # The weight average: a copy on every rank, identical across ranks because DDP keeps the trained
         # weights identical, so the sharded validation needs no broadcast. Validation, keep_best and
@@ -83,7 +86,7 @@ class Trainer:
         # collapse for a while, and the restore is of the trained weights).
         decay = config.run.weight_average_decay
         average = WeightAverage(network, decay=decay) if decay > 0 else None
-        optimizer = steps.make_optimizer(self.model, config.optim)
+        optimizer = steps.make_optimizer(self.model, config.optim, head=head_parameter_names(self.arch))
         self.steps_per_epoch = -(-(self.num_train // world.world_size) // config.data.batch_size)
         self.replays = method_replays(config.method.name, config.method.replays)
         scheduler = steps.make_scheduler(
