@@ -206,8 +206,19 @@ class NormChoice(StrEnum):
 @app.command("evaluate")
 def evaluate(
     model: Annotated[
-        str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local model folder.")
+        str,
+        typer.Option(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local model folder; or, with "
+            "--weights, a built-in name or your package.module:function."
+        ),
     ],
+    weights: Annotated[
+        Path | None, typer.Option(help="A .safetensors file: evaluate --model built with these weights.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="With --weights: model.* keys, e.g. --set model.kwargs.depth=3."),
+    ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Prepared dataset folder (default: the data.path the model was trained on).")
     ] = None,
@@ -225,7 +236,8 @@ def evaluate(
 ) -> None:
     """Robust accuracy under an attack ensemble, sharded over Ray, with sanity checks and a report.
 
-    Example: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`.
+    Examples: `advtrain evaluate --model models:/digits-linf@champion --protocol standard`;
+    `advtrain evaluate --model mynets.cnn:build --weights cnn.safetensors --data data/mine --norm linf --eps 0.1`.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from pipeline.evaluate import summary_text
@@ -242,6 +254,8 @@ def evaluate(
         seed=seed,
         out_dir=out,
         ray_address=ray_address,
+        weights=str(weights) if weights else None,
+        overrides=overrides or [],
     )
     typer.echo(summary_text(model, rep))
 
@@ -274,6 +288,39 @@ def models_list(name: Annotated[str | None, typer.Argument(help="A registered mo
 
 def _num(value: str | None) -> str:
     return f"{float(value):.4f}" if value not in (None, "") else "-"
+
+
+@models_app.command("register")
+def models_register(
+    model: Annotated[str, typer.Option(help="A built-in name or your package.module:function.")],
+    weights: Annotated[Path, typer.Option(help="The model's weights, a .safetensors file.")],
+    name: Annotated[str, typer.Option(help="Registered model name (a new version is added).")],
+    data: Annotated[Path, typer.Option(help="The prepared dataset the model classifies (shape, classes).")],
+    norm: Annotated[NormChoice, typer.Option(help="Threat model norm the model is meant to resist.")],
+    eps: Annotated[float, typer.Option(help="Threat model radius in pixel space [0,1].")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="model.* keys, e.g. --set model.kwargs.depth=3.")
+    ] = None,
+    alias: Annotated[str, typer.Option(help="Alias to point at the new version (e.g. challenger).")] = "",
+) -> None:
+    """Register a model advtrain did not train, with its code, so evaluate and promote work on it.
+
+    Example: `advtrain models register --model mynets.cnn:build --weights cnn.safetensors --name mine
+    --data data/mine --norm linf --eps 0.1 --alias challenger`.
+    """
+    from pipeline.orchestrate.registration import register_external_model
+
+    out = register_external_model(
+        model,
+        str(weights),
+        data_path=str(data),
+        registered_model=name,
+        norm=norm.value,
+        eps=eps,
+        overrides=overrides or [],
+        alias=alias,
+    )
+    typer.echo(f"registered {name} version {out['version']} (sha256 {out['weights_sha256'][:16]}...)")
 
 
 @models_app.command("show")

@@ -7,6 +7,7 @@ ModelError naming the file. No mlflow here: pipeline.tracking.model_store logs a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -42,16 +43,26 @@ def copy_code(code: Path, into: Path) -> None:
         shutil.copy2(code, into / code.name)
 
 
+def _code_digest(source: Path) -> str:
+    """sha256 over a code folder's (or file's) relative paths and bytes: the cache key of its copy."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    for file in files:
+        if "__pycache__" not in file.parts and file.suffix != ".pyc":
+            digest.update(str(file.relative_to(source.parent)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:32]
+
+
 def shipped_code(arch_file: Path, arch: dict[str, Any]) -> Path | None:
     """For a user model: a lasting copy of its shipped code folder (the model folder may be a temporary
-    download), keyed by the weights' digest; None for a built-in."""
+    download), keyed by the code's own digest; None for a built-in."""
     if not is_import_path(arch["name"]):
         return None
     for folder in (arch_file.parent / CODE_FOLDER, arch_file.parent.parent / CODE_FOLDER):
         source = folder / arch["code"]
         if source.exists():
-            cache = CODE_CACHE / arch.get("weights_sha256", "unsaved")[:32]
-            if not (cache / arch["code"]).exists():
+            cache = CODE_CACHE / _code_digest(source)
+            if not cache.exists():
                 CODE_CACHE.mkdir(parents=True, exist_ok=True)
                 staging = Path(tempfile.mkdtemp(dir=CODE_CACHE))
                 copy_code(source, staging)
@@ -91,7 +102,7 @@ def load_folder(folder: str | Path, *, expected_sha256: str | None = None) -> tu
     arch_file, weights = model_files(Path(folder))
     arch = _read_architecture(arch_file)
     digest = _verified_sha256(weights, arch_file, arch, expected_sha256)
-    code = shipped_code(arch_file, {**arch, "weights_sha256": digest})
+    code = shipped_code(arch_file, arch)
     if code is not None:
         import_shipped(arch["name"], code)
     model = _build_with_weights(arch, arch_file, weights)

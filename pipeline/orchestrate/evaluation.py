@@ -32,8 +32,9 @@ from pipeline.evaluate import (
     plot_examples,
     report,
 )
-from pipeline.models import build_model
+from pipeline.models import build_model, is_import_path
 from pipeline.orchestrate.cluster import init_ray
+from pipeline.orchestrate.model_setup import external_model
 from pipeline.sanity import sanity_checks
 from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
@@ -92,10 +93,28 @@ def _threat_model(params: dict[str, str], norm: str | None, eps: float | None) -
     return norm, eps
 
 
-def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, **attack) -> ChunkResult:
+def _resolved(
+    model_uri: str, *, weights: str | None, overrides: list[str], data_path: str | None, tracking_uri: str | None
+) -> model_store.ResolvedModel:
+    """The model to evaluate: a model URI or folder, or a name + .safetensors weights (--weights)."""
+    if weights is None:
+        if is_import_path(model_uri):
+            raise InputError(f"--model {model_uri}: a model function needs --weights FILE.safetensors and --data")
+        if overrides:
+            raise InputError("--set describes a model built from --weights; a registered model is used as stored")
+        return model_store.resolve_model(model_uri, tracking_uri=tracking_uri)
+    if not data_path:
+        raise InputError(f"--model {model_uri} --weights {weights}: pass --data FOLDER (the images it classifies)")
+    info = data_lib.read_metadata(data_path)
+    model, arch = external_model(model_uri, weights, info, overrides=overrides, base=Path.cwd())
+    return model_store.ResolvedModel(model, arch["weights_sha256"], arch)
+
+
+def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, env: dict, **attack) -> ChunkResult:
     """Every chunk of examples as a Ray task, merged per example."""
+    task = _chunk_task.options(runtime_env=env) if env else _chunk_task
     pending = [
-        _chunk_task.remote(model_ref, x[s : s + chunk_size], y[s : s + chunk_size], start=s, **attack)
+        task.remote(model_ref, x[s : s + chunk_size], y[s : s + chunk_size], start=s, **attack)
         for s in range(0, len(y), chunk_size)
     ]
     return merge(_gather(pending, total=len(y), chunk_size=chunk_size, progress=progress))
@@ -154,12 +173,20 @@ def run_evaluation(
     run_sanity: bool | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    weights: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the Ray cluster at `ray_address` (else the connected one, RAY_ADDRESS or a local
-    instance, started once the model and data are checked); returns the report (also in `out_dir`)."""
+    instance, started once the model and data are checked); returns the report (also in `out_dir`).
+
+    `model_uri` is a model URI or folder, or, with `weights` (a .safetensors file), a built-in name or the
+    user's package.module:function (`overrides`: model.* keys such as model.kwargs.depth=3) evaluated on
+    `data_path`: a model advtrain never trained."""
     started = time.perf_counter()
     check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out_dir, protocol=protocol)
-    resolved = model_store.resolve_model(model_uri, tracking_uri=tracking_uri)
+    resolved = _resolved(
+        model_uri, weights=weights, overrides=overrides or [], data_path=data_path, tracking_uri=tracking_uri
+    )
     params = tracking.run_params(resolved.tracking_uri, resolved.run_id) if resolved.run_id else {}
     data_path = data_path or params.get("data.path")
     if not data_path:
@@ -178,10 +205,13 @@ def run_evaluation(
 
     model_ref = ray.put((resolved.architecture, resolved.model.state_dict()))
     attack = {"norm": norm, "eps": eps, "protocol": protocol, "seed": seed}
-    result = _evaluate_sharded(model_ref, x, y, chunk_size=chunk_size, progress=progress, **attack)
+    # A user model's code, importable in every task (the tasks rebuild the model from its record).
+    env = {"py_modules": [str(resolved.code)]} if resolved.code is not None else {}
+    result = _evaluate_sharded(model_ref, x, y, chunk_size=chunk_size, progress=progress, env=env, **attack)
     sanity = None
     if protocol == "standard" if run_sanity is None else run_sanity:
-        sanity = ray.get(_sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
+        sanity_task = _sanity_task.options(runtime_env=env) if env else _sanity_task
+        sanity = ray.get(sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
     model_info = {
         "uri": model_uri,
         "name": resolved.name,

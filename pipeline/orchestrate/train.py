@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.errors import checked_name
-from pipeline.models import architecture, build_model, check_architecture
 from pipeline.orchestrate.cluster import TRIAL_DRIVER_RESOURCE, check_ray_data_cpus, init_ray
+from pipeline.orchestrate.model_setup import ModelSetup, check_model, runtime_env_for
 from pipeline.orchestrate.storage import (
     FINISHED_MARKER,
     absolute_locations,
@@ -91,7 +90,11 @@ class _Run:
     state: str
     info: data_lib.DatasetInfo
     loader: str
-    arch: dict[str, Any]
+    model: ModelSetup
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        return self.model.arch
 
 
 def _resolve_run(config: Config, *, config_name: str, resume: str | None, base: Path) -> _Run:
@@ -110,27 +113,15 @@ def _resolve_run(config: Config, *, config_name: str, resume: str | None, base: 
         raise ConfigError(
             f"--resume {name}: no checkpoint of that run in {storage}; check the name and run.storage_path"
         )
+    model = check_model(config, info, base=base, storage=storage, run_name=name)
     config = config.model_copy(
         update={
             "run": config.run.model_copy(update={"name": name, "storage_path": storage}),
             "data": config.data.model_copy(update={"path": str(data_path)}),
+            "model": config.model.model_copy(update={"init": model.init}),
         }
     )
-    return _Run(config, name, storage, state, info, choose_loader(config, info), _architecture_for(config, info))
-
-
-def _architecture_for(config: Config, info: data_lib.DatasetInfo) -> dict[str, Any]:
-    """The architecture record for this dataset, built once on the meta device (no memory, no time) so
-    that a model that cannot take these images (wide_resnet's 6n+4 depth, small_cnn's side divisible by
-    4, ...) is refused before anything is recorded, not inside the workers."""
-    arch = architecture(config.model, shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std)
-    try:
-        check_architecture(arch)
-        with torch.device("meta"):
-            build_model(arch)
-    except ValueError as err:  # ModelError included
-        raise ConfigError(f"model.name {config.model.name!r} cannot train on {info.path}: {err}") from None
-    return arch
+    return _Run(config, name, storage, state, info, choose_loader(config, info), model)
 
 
 def _open_mlflow_run(run: _Run, uri: str, *, parent_run_id: str | None, extra_tags: dict[str, str] | None):
@@ -174,7 +165,10 @@ def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train's per-report INFO lines drown the per-epoch progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}},
+            worker_runtime_env={
+                "env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+                **runtime_env_for(run.model),  # a user model's code, importable in every worker
+            },
             callbacks=callbacks or None,
         ),
         datasets=datasets,

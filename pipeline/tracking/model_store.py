@@ -30,6 +30,7 @@ from pipeline.model_folder import (
     model_files,
     save_weights,
 )
+from pipeline.models import code_location, is_import_path
 from pipeline.tracking.runs import TrackingError, client_for, resolve_tracking_uri
 
 PYFUNC_SCRIPT = Path(__file__).with_name("pyfunc.py")
@@ -101,6 +102,11 @@ def _log_and_register(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         digest = save_weights(model, arch, folder)
+        # The pipeline package, so the pyfunc imports pipeline.models wherever it loads; and a user model's
+        # package or module, which MLflow keeps in the version's code/ folder (pipeline.model_folder).
+        code_paths = [str(Path(__file__).parents[1])]
+        if is_import_path(arch["name"]):
+            code_paths.append(str(code_location(arch["name"])))
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # The pyfunc takes raw pixel arrays; MLflow's type-hint nudge does not apply.
             warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
@@ -108,8 +114,7 @@ def _log_and_register(
                 name="model",
                 python_model=str(PYFUNC_SCRIPT),
                 artifacts={"weights": str(folder / WEIGHTS_FILE), "architecture": str(folder / ARCH_FILE)},
-                # The whole pipeline package, so the pyfunc imports pipeline.models wherever it loads.
-                code_paths=[str(Path(__file__).parents[1])],
+                code_paths=code_paths,
                 # Explicit requirements: inferring them costs ~10 s (shared/NOTES).
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
             )
@@ -152,6 +157,12 @@ class ResolvedModel:
     version: str | None = None
     run_id: str | None = None
     tracking_uri: str | None = None
+
+    @property
+    def code(self) -> Path | None:
+        """A user model's package folder or module file as imported here (to ship to Ray tasks); None for a
+        built-in."""
+        return code_location(self.architecture["name"]) if is_import_path(self.architecture["name"]) else None
 
 
 def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> ResolvedModel:
