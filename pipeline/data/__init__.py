@@ -4,7 +4,8 @@ A prepared dataset is a folder::
 
     metadata.json            shape (C,H,W), num_classes, class names, channel mean/std, source,
                              and per split the files with their row counts and sha256
-    train/part-00000.parquet columns image: fixed_size_binary(C*H*W) of uint8 pixels, label: int64
+    train/part-00000.parquet columns image: fixed_size_binary(C*H*W) of uint8 pixels (or, with
+                             "image_encoding": "encoded", binary PNG/JPEG/WebP bytes), label: int64
     val/...  test/...
 
 - `metadata`: metadata.json's strict schema (pydantic, unknown keys and wrong types refused) and its
@@ -16,7 +17,9 @@ A prepared dataset is a folder::
   pickles), each read as if hostile.
 - `sources`: SOURCES, the registry of what `advtrain data prepare` reads (digits, Fashion-MNIST IDX,
   CIFAR-10 python batches, .npz).
-- `shards`: what a worker holds: load_split (float32 in [0,1]), decode_batch (Ray Data batches),
+- `images`: encoded images (PNG/JPEG/WebP), decoded and checked where they are read.
+- `image_sources`: `prepare images` (class folders) and `prepare parquet` (Hugging Face-style files).
+- `shards`: what a worker holds: load_split (float32 in [0,1]), decode_columns (Ray Data batches),
   shard_indices (each rank's share of an epoch).
 
 Nothing here imports ray: the Ray Data path lives in pipeline.orchestrate.train.
@@ -24,7 +27,7 @@ Nothing here imports ray: the Ray Data path lives in pipeline.orchestrate.train.
 
 from pipeline.data.format import DataError, DatasetInfo, read_file, read_metadata, sha256_file, validate_dataset
 from pipeline.data.metadata import FORMAT_VERSION, METADATA_FILE, SPLITS
-from pipeline.data.shards import decode_batch, load_split, shard_indices, to_float, train_bytes_as_float
+from pipeline.data.shards import decode_columns, load_split, shard_indices, to_float, train_bytes_as_float
 from pipeline.data.sources import (
     CIFAR10_CLASSES,
     CIFAR10_TRAIN_BATCHES,
@@ -49,7 +52,7 @@ __all__ = [
     "DataError",
     "DatasetInfo",
     "SourceSpec",
-    "decode_batch",
+    "decode_columns",
     "load_split",
     "prepare_cifar10",
     "prepare_digits",

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.images import decode_rows
 from pipeline.data.metadata import METADATA_FILE, SPLITS, parse_metadata
 from pipeline.errors import DataError
 
@@ -32,6 +33,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     source: str
     splits: dict[str, list[dict]]
+    encoded: bool = False  # rows hold PNG/JPEG/WebP bytes (pipeline.data.images), decoded where read
 
     def num_rows(self, split: str) -> int:
         return sum(f["num_rows"] for f in self.splits[split])
@@ -40,11 +42,15 @@ class DatasetInfo:
         return [self.path / f["name"] for f in self.splits[split]]
 
 
-def parquet_schema(shape: tuple[int, int, int], num_classes: int) -> pa.Schema:
+def parquet_schema(shape: tuple[int, int, int], num_classes: int, *, encoded: bool = False) -> pa.Schema:
+    """Raw images: fixed_size_binary(C*H*W) of uint8 pixels; encoded: binary holding each image's file."""
     c, h, w = shape
     meta = {"advtrain.shape": json.dumps([c, h, w]), "advtrain.num_classes": str(num_classes)}
+    if encoded:
+        meta["advtrain.image_encoding"] = "encoded"
+    image_type = pa.binary() if encoded else pa.binary(c * h * w)
     return pa.schema(
-        [pa.field("image", pa.binary(c * h * w), nullable=False), pa.field("label", pa.int64(), nullable=False)],
+        [pa.field("image", image_type, nullable=False), pa.field("label", pa.int64(), nullable=False)],
         metadata=meta,
     )
 
@@ -88,6 +94,7 @@ def read_metadata(path: str | Path) -> DatasetInfo:
         std=tuple(meta.std),
         source=meta.source,
         splits=meta.splits.model_dump(),
+        encoded=meta.image_encoding == "encoded",
     )
 
 
@@ -142,10 +149,14 @@ def _decode_table(
         raise DataError(f"{where}: column 'label' must be int64, got {label_col.type}")
     if expected_rows is not None and len(table) != expected_rows:
         raise DataError(f"{where}: {len(table)} rows but {METADATA_FILE} says {expected_rows}")
-    flat = _image_bytes(image_col, info.shape, where)
+    if info.encoded and not (pa.types.is_binary(image_col.type) or pa.types.is_large_binary(image_col.type)):
+        raise DataError(f"{where}: column 'image' must hold encoded image bytes, got {image_col.type}")
+    flat = None if info.encoded else _image_bytes(image_col, info.shape, where)
     _check_written_for(table.schema, info, where)
     labels = label_col.to_numpy().astype(np.int64)
     check_labels(labels, info.num_classes, where)
+    if flat is None:  # decoded last: the cheap checks above name a broken file first
+        return decode_rows(image_col.to_pylist(), info.shape, where), labels
     return flat.reshape(len(labels), *info.shape), labels
 
 
@@ -178,6 +189,12 @@ def _check_written_for(schema: pa.Schema, info: DatasetInfo, where: str) -> None
             f"{where}: no valid advtrain.shape / advtrain.num_classes in its Parquet schema, so it was not "
             "written by `advtrain data prepare`; prepare the dataset again"
         ) from None
+    encoding = stamp.get(b"advtrain.image_encoding", b"raw").decode("utf-8", "replace")
+    if encoding != ("encoded" if info.encoded else "raw"):
+        raise DataError(
+            f"{where}: written with {encoding} images, but {METADATA_FILE} says "
+            f"{'encoded' if info.encoded else 'raw'}; prepare the dataset again"
+        )
     if shape != list(info.shape) or num_classes != info.num_classes:
         raise DataError(
             f"{where}: written for shape {shape} and {num_classes} classes, but {METADATA_FILE} says shape "

@@ -16,7 +16,7 @@ import re
 import reprlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -74,6 +74,8 @@ class Metadata(BaseModel):
     mean: list[float]
     std: list[float]
     splits: SplitFiles
+    # raw: each row holds C*H*W uint8 pixels; encoded: each row holds a PNG, JPEG or WebP file's bytes.
+    image_encoding: Literal["raw", "encoded"] = "raw"
 
 
 def parse_metadata(meta_file: Path) -> Metadata:

@@ -1,17 +1,20 @@
 """Per-worker tensors from a prepared dataset: float32 pixels in [0,1] and each rank's share of an epoch.
 
 Pixel space: workers get float32 in [0,1] and normalisation is the model's first layer. This module
-never imports ray: the Ray Data path (which calls `decode_batch`) lives in pipeline.orchestrate.train.
+never imports ray: the Ray Data path (which maps `decode_columns` over the files) lives in
+pipeline.orchestrate.train and pipeline.orchestrate.worker.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.data.format import DataError, DatasetInfo, read_file, read_metadata
+from pipeline.data.images import decode_rows
 
 
 def load_split(
@@ -37,23 +40,31 @@ def load_split(
     return to_float(x), torch.from_numpy(y)
 
 
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 pixels -> float32 in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
-
-
-def decode_batch(
-    images: np.ndarray, labels: np.ndarray, shape: tuple[int, int, int], num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Ray Data batch (object array of bytes, labels) -> checked float tensors in [0,1]."""
-    c, h, w = shape
-    flat = np.frombuffer(b"".join(bytes(b) for b in images), dtype=np.uint8)
-    if flat.size != len(images) * c * h * w:
-        raise DataError(f"streamed batch: images do not all have shape {shape}")
-    labels = np.asarray(labels, dtype=np.int64)
+def decode_columns(
+    batch: dict[str, np.ndarray], *, shape: tuple[int, int, int], num_classes: int, encoded: bool
+) -> dict[str, np.ndarray]:
+    """A Ray Data batch as read from Parquet (image bytes, labels) -> {"image": uint8 (N,C,H,W), "label":
+    int64}, every row checked. Runs in Ray Data's map_batches tasks on CPUs, so decoding (PNG/JPEG included)
+    never runs on a training worker; pixels stay uint8 (a quarter of float32's bytes through the object
+    store) and become float on the worker's device (`to_float`)."""
+    rows, labels = batch["image"], np.asarray(batch["label"], dtype=np.int64)
+    if encoded:
+        images = decode_rows(list(rows), shape, "streamed batch")
+    else:
+        flat = np.frombuffer(b"".join(bytes(b) for b in rows), dtype=np.uint8)
+        if flat.size != len(rows) * math.prod(shape):
+            raise DataError(f"streamed batch: images do not all have shape {shape}")
+        images = flat.reshape(len(rows), *shape)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"streamed batch: label outside [0, {num_classes})")
-    return to_float(flat.reshape(len(labels), c, h, w)), torch.from_numpy(labels)
+    return {"image": images, "label": labels}
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (numpy or a tensor on any device) -> float32 in [0,1], on the same device."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    return images.to(torch.float32).div_(255.0)
 
 
 def train_bytes_as_float(info: DatasetInfo) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.format import DataError, DatasetInfo, check_labels
+from pipeline.data.image_sources import prepare_images, prepare_parquet
 from pipeline.data.metadata import MAX_CLASSES
 from pipeline.data.readers import read_cifar_batch, read_idx, read_npz
 from pipeline.data.writing import write_dataset
@@ -269,6 +270,8 @@ class SourceSpec:
     prepare: Callable[..., DatasetInfo]
     about: str
     needs: str = ""
+    # The `advtrain data prepare` options this source takes besides --source/--out/--seed (keyword names).
+    options: tuple[str, ...] = ()
 
 
 def _prepare_digits_ignoring_source(source: Path | None, out: str | Path, *, seed: int = 0) -> DatasetInfo:
@@ -285,4 +288,16 @@ SOURCES: dict[str, SourceSpec] = {
         prepare_cifar10, about="python batches", needs="DIR (the extracted cifar-10-batches-py folder)"
     ),
     "npz": SourceSpec(prepare_npz, about="x_train, y_train, x_test, y_test arrays", needs="FILE.npz"),
+    "images": SourceSpec(
+        prepare_images,
+        about="one folder of PNG/JPEG/WebP images per class",
+        needs="DIR (class folders, or train/ val/ test/ folders of class folders)",
+        options=("size", "val_fraction", "test_fraction"),
+    ),
+    "parquet": SourceSpec(
+        prepare_parquet,
+        about="Hugging Face-style Parquet of encoded images",
+        needs="FILE.parquet or DIR of them (split from file names: train, validation, test)",
+        options=("image_column", "label_column", "size", "val_fraction", "test_fraction"),
+    ),
 }

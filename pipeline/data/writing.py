@@ -43,6 +43,62 @@ def write_dataset(
     out = Path(out)
     _check_out(out)
     shape = _check_splits(splits, class_names=class_names, source=source)
+    return _staged(
+        out,
+        lambda folder: _write_into(
+            folder, splits, shape=shape, class_names=class_names, source=source, rows_per_file=rows_per_file
+        ),
+    )
+
+
+def write_encoded_dataset(
+    out: str | Path,
+    splits: dict[str, tuple[list[bytes], np.ndarray]],
+    *,
+    shape: tuple[int, int, int],
+    class_names: list[str] | tuple[str, ...],
+    source: str,
+    mean: list[float],
+    std: list[float],
+    bytes_per_file: int = 256 * 2**20,
+) -> DatasetInfo:
+    """Write encoded images (PNG/JPEG/WebP bytes, each already decoded and checked against `shape` by the
+    caller) and labels per split, with the train split's channel `mean`/`std`; all or nothing, like
+    write_dataset. Files are cut at about `bytes_per_file` of images, so none grows without bound."""
+    out = Path(out)
+    _check_out(out)
+    problem = class_names_problem(list(class_names), len(class_names))
+    if problem:
+        raise DataError(f"{source}: {problem}")
+    for split in SPLITS:
+        images, labels = splits.get(split, ([], np.zeros(0, np.int64)))
+        if len(images) == 0:
+            raise DataError(f"{source} [{split}]: no images; every split needs at least one")
+        if len(images) != len(labels):
+            raise DataError(f"{source} [{split}]: {len(images)} images but {len(labels)} labels")
+        check_labels(np.asarray(labels), len(class_names), f"{source} [{split}]")
+    schema = parquet_schema(shape, len(class_names), encoded=True)
+
+    def fill(folder: Path) -> None:
+        files = {}
+        for split in SPLITS:
+            images, labels = splits[split]
+            average = max(1, sum(len(b) for b in images) // len(images))
+            rows = max(1, min(50_000, bytes_per_file // average))
+            parts = [
+                (pa.array(images[i : i + rows], pa.binary()), np.asarray(labels[i : i + rows], np.int64))
+                for i in range(0, len(images), rows)
+            ]
+            files[split] = _write_parts(folder, split, parts, schema)
+        meta = _metadata_record(shape, class_names, source, mean, std, files)
+        (folder / METADATA_FILE).write_text(json.dumps({**meta, "image_encoding": "encoded"}, indent=2) + "\n")
+
+    return _staged(out, fill)
+
+
+def _staged(out: Path, fill) -> DatasetInfo:
+    """`fill(folder)` writes a complete dataset into a staging folder beside `out`, which is checked and
+    moved in; any failure leaves `out` as it was."""
     # Beside `out` (where a symlinked `out` really is), so moving the result in is a rename, not a copy.
     target = out.resolve()
     try:
@@ -51,7 +107,7 @@ def write_dataset(
     except OSError as err:
         raise _write_error(out, err) from None
     try:
-        _write_into(staging, splits, shape=shape, class_names=class_names, source=source, rows_per_file=rows_per_file)
+        fill(staging)
         read_metadata(staging)  # the record just written passes every check a reader applies
         _move_into(staging, out)
     except OSError as err:
@@ -135,25 +191,32 @@ def _write_into(
 def _write_split(
     out: Path, split: str, images: np.ndarray, labels: np.ndarray, *, schema: pa.Schema, rows_per_file: int
 ) -> list[dict]:
-    """Write `out/split/part-*.parquet` with these rows; returns the metadata entry of each file."""
+    """Write `out/split/part-*.parquet` with these raw rows; returns the metadata entry of each file."""
+    flat = np.ascontiguousarray(images.reshape(len(images), -1))
+    parts = [
+        (_fixed_rows(flat[start : start + rows_per_file]), labels[start : start + rows_per_file])
+        for start in range(0, len(images), rows_per_file)
+    ]
+    return _write_parts(out, split, parts, schema)
+
+
+def _write_parts(out: Path, split: str, parts: list[tuple[pa.Array, np.ndarray]], schema: pa.Schema) -> list[dict]:
+    """One Parquet file per (image column, labels) part in `out/split/`; their metadata entries."""
     (out / split).mkdir()
     entries = []
-    flat = np.ascontiguousarray(images.reshape(len(images), -1))
-    for part, start in enumerate(range(0, len(images), rows_per_file)):
-        stop = min(start + rows_per_file, len(images))
+    for part, (images, labels) in enumerate(parts):
         name = f"{split}/part-{part:05d}.parquet"
-        table = _table(flat[start:stop], labels[start:stop], schema)
+        table = pa.table({"image": images, "label": pa.array(labels.astype(np.int64), pa.int64())}, schema=schema)
         pq.write_table(table, out / name, write_page_checksum=True, compression="zstd")
-        entries.append({"name": name, "num_rows": stop - start, "sha256": sha256_file(out / name)})
+        entries.append({"name": name, "num_rows": len(labels), "sha256": sha256_file(out / name)})
     return entries
 
 
-def _table(flat: np.ndarray, labels: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """Rows of flattened uint8 images (N, C*H*W) and their labels as one table of `schema`."""
-    images = pa.FixedSizeBinaryArray.from_buffers(
+def _fixed_rows(flat: np.ndarray) -> pa.Array:
+    """Rows of flattened uint8 images (N, C*H*W) as one fixed_size_binary column."""
+    return pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(flat.shape[1]), len(flat), [None, pa.py_buffer(flat.tobytes())]
     )
-    return pa.table({"image": images, "label": pa.array(labels.astype(np.int64), pa.int64())}, schema=schema)
 
 
 def _metadata(
@@ -166,15 +229,28 @@ def _metadata(
 ) -> dict:
     """The content of metadata.json (key order is part of the file's bytes)."""
     train = train_images.astype(np.float64) / 255.0
+    # Per-channel statistics of the train split: the model's normalisation layer uses them.
+    mean = [float(v) for v in train.mean(axis=(0, 2, 3))]
+    std = [float(v) for v in train.std(axis=(0, 2, 3))]
+    return _metadata_record(shape, class_names, source, mean, std, files)
+
+
+def _metadata_record(
+    shape: tuple[int, int, int],
+    class_names: list[str] | tuple[str, ...],
+    source: str,
+    mean: list[float],
+    std: list[float],
+    files: dict[str, list[dict]],
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "source": source,
         "shape": list(shape),
         "num_classes": len(class_names),
         "class_names": list(class_names),
-        # Per-channel statistics of the train split: the model's normalisation layer uses them.
-        "mean": [float(v) for v in train.mean(axis=(0, 2, 3))],
-        "std": [float(max(v, 1e-3)) for v in train.std(axis=(0, 2, 3))],
+        "mean": mean,
+        "std": [max(v, 1e-3) for v in std],
         "splits": files,
     }
 

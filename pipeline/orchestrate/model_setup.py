@@ -45,9 +45,7 @@ def runtime_env_for(setup: ModelSetup) -> dict[str, Any]:
     return {"py_modules": [str(setup.code)]} if setup.code is not None else {}
 
 
-def check_model(
-    config: Config, info: data_lib.DatasetInfo, *, base: Path, storage: str, run_name: str
-) -> ModelSetup:
+def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, storage: str, run_name: str) -> ModelSetup:
     """The model of `config` for the dataset `info`, checked: built (on the meta device for built-ins, for
     real and run once for user models), its code located, its model.init resolved and loaded."""
     user = is_import_path(config.model.name)

@@ -149,7 +149,13 @@ def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | 
     if run.loader == "ray_data":
         check_ray_data_cpus(config)
         files = [str(p) for p in run.info.files("train")]
-        datasets = {"train": ray.data.read_parquet(files, columns=["image", "label"])}
+        info = run.info
+        decoded = ray.data.read_parquet(files, columns=["image", "label"]).map_batches(
+            data_lib.decode_columns,
+            fn_kwargs={"shape": info.shape, "num_classes": info.num_classes, "encoded": info.encoded},
+            batch_format="numpy",
+        )
+        datasets = {"train": decoded}
     return TorchTrainer(
         train_worker_loop,
         train_loop_config=worker_context,

@@ -64,11 +64,17 @@ class RayWorld:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     def streamed_batches(self, batch_size: int):
+        """Batches decoded by Ray Data's map tasks (pipeline.data.decode_columns), prefetched and moved
+        onto this worker's device as uint8, made float there."""
         shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes={"image": torch.uint8, "label": torch.int64},
+            device=self.device,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=4 * batch_size,
         ):
-            yield data_lib.decode_batch(batch["image"], batch["label"], self.shape, self.num_classes)
+            yield data_lib.to_float(batch["image"]), batch["label"]
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
