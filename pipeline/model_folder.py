@@ -7,10 +7,8 @@ ModelError naming the file. No mlflow here: pipeline.tracking.model_store logs a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +21,13 @@ from pipeline.data import sha256_file
 from pipeline.errors import ModelError, WeightsChangedError
 from pipeline.models import build_model, check_architecture, is_import_path, weights_fit_problems
 from pipeline.models.pretrained import read_header
-from pipeline.models.user import import_shipped
+from pipeline.models.user import import_shipped, pack_code, unpack_code
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
 # A user model's code, beside the architecture (a local folder) or one level up (MLflow's model layout,
 # where code_paths land in code/ and the two files in artifacts/).
 CODE_FOLDER = "code"
-CODE_CACHE = Path(tempfile.gettempdir()) / "advtrain-code"
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".git")
 
 
@@ -43,16 +40,6 @@ def copy_code(code: Path, into: Path) -> None:
         shutil.copy2(code, into / code.name)
 
 
-def _code_digest(source: Path) -> str:
-    """sha256 over a code folder's (or file's) relative paths and bytes: the cache key of its copy."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-    for file in files:
-        if "__pycache__" not in file.parts and file.suffix != ".pyc":
-            digest.update(str(file.relative_to(source.parent)).encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()[:32]
-
-
 def shipped_code(arch_file: Path, arch: dict[str, Any]) -> Path | None:
     """For a user model: a lasting copy of its shipped code folder (the model folder may be a temporary
     download), keyed by the code's own digest; None for a built-in."""
@@ -61,16 +48,7 @@ def shipped_code(arch_file: Path, arch: dict[str, Any]) -> Path | None:
     for folder in (arch_file.parent / CODE_FOLDER, arch_file.parent.parent / CODE_FOLDER):
         source = folder / arch["code"]
         if source.exists():
-            cache = CODE_CACHE / _code_digest(source)
-            if not cache.exists():
-                CODE_CACHE.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(dir=CODE_CACHE))
-                copy_code(source, staging)
-                try:
-                    staging.rename(cache)
-                except OSError:  # another process put it there first
-                    shutil.rmtree(staging, ignore_errors=True)
-            return cache
+            return unpack_code(pack_code(source))
     raise ModelError(
         f"{arch_file}: model {arch['name']!r} needs its code {arch['code']!r}, which is not in {CODE_FOLDER}/ "
         "beside it; the model was saved without its code: save or register it again"

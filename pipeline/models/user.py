@@ -10,9 +10,14 @@ single .py file) to ship to Ray workers (runtime_env py_modules) and to log with
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import re
+import shutil
 import sys
+import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,6 +144,62 @@ def code_location(path: str) -> Path:
     if not file or not file.endswith(".py"):
         raise ModelError(f"model.name {path!r}: module {top!r} is not Python source ({file}); it cannot be shipped")
     return Path(file).resolve()
+
+
+# Where shipped code is unpacked or copied, one folder per content digest (a model folder may be a
+# temporary download; a Ray worker or task has only what it was sent).
+CODE_CACHE = Path(tempfile.gettempdir()) / "advtrain-code"
+MAX_CODE_BYTES = 64 * 2**20
+_SKIPPED = ("__pycache__", ".git", ".pytest_cache")
+
+
+def _code_files(location: Path) -> list[tuple[str, Path]]:
+    """(path inside the bundle, file) for a package folder or a single module file: sources only."""
+    if location.is_file():
+        return [(location.name, location)]
+    files = []
+    for file in sorted(location.rglob("*")):
+        relative = file.relative_to(location.parent)
+        if file.is_file() and file.suffix != ".pyc" and not set(relative.parts) & set(_SKIPPED):
+            files.append((relative.as_posix(), file))
+    return files
+
+
+def pack_code(location: Path) -> dict[str, Any]:
+    """The user's package (or module) as one zip in memory with its digest: sent to Ray workers and tasks,
+    which have neither the user's folder nor a shared file system (`unpack_code`)."""
+    buffer = io.BytesIO()
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for name, file in _code_files(location):
+            data = file.read_bytes()
+            digest.update(name.encode() + b"\0" + data + b"\0")
+            bundle.writestr(name, data)
+    if buffer.tell() > MAX_CODE_BYTES:
+        raise ModelError(
+            f"{location}: the model's code is {buffer.tell() // 2**20} MiB zipped (over {MAX_CODE_BYTES // 2**20}); "
+            "keep data and checkpoints out of the package that holds the model function"
+        )
+    return {"name": location.name, "sha256": digest.hexdigest(), "zip": buffer.getvalue()}
+
+
+def unpack_code(bundle: dict[str, Any]) -> Path:
+    """A bundle from `pack_code` unpacked once per content (CODE_CACHE/<digest>) and put on sys.path."""
+    folder = CODE_CACHE / bundle["sha256"][:32]
+    if not (folder / bundle["name"]).exists():
+        CODE_CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=CODE_CACHE))
+        with zipfile.ZipFile(io.BytesIO(bundle["zip"])) as archive:
+            for member in archive.namelist():  # our own bundle, but never write outside the folder
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise ModelError(f"code bundle {bundle['name']}: member {member!r} points outside its folder")
+            archive.extractall(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(staging, ignore_errors=True)
+    make_importable(folder)
+    return folder
 
 
 def make_importable(folder: Path) -> None:

@@ -33,6 +33,7 @@ from pipeline.evaluate import (
     report,
 )
 from pipeline.models import build_model, is_import_path
+from pipeline.models.user import pack_code, unpack_code
 from pipeline.orchestrate.cluster import init_ray
 from pipeline.orchestrate.model_setup import external_model
 from pipeline.sanity import sanity_checks
@@ -42,8 +43,10 @@ from pipeline.tracking import runs as tracking
 log = logging.getLogger(__name__)
 
 
-def _rebuild(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _rebuild(arch: dict[str, Any], state: dict[str, torch.Tensor], code: dict | None) -> torch.nn.Module:
     torch.set_num_threads(1)  # one task per CPU; same numerics on every worker
+    if code is not None:
+        unpack_code(code)  # a user model's package, sent with the weights
     model = build_model(arch)
     model.load_state_dict(state)
     return model.eval()
@@ -51,15 +54,13 @@ def _rebuild(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.M
 
 @ray.remote(num_cpus=1)
 def _chunk_task(model_ref, x, y, *, start, norm, eps, protocol, seed) -> ChunkResult:
-    arch, state = model_ref
-    model = _rebuild(arch, state)
+    model = _rebuild(*model_ref)
     return evaluate_chunk(model, x, y, start=start, norm=norm, eps=eps, protocol=protocol, seed=seed)
 
 
 @ray.remote(num_cpus=1)
 def _sanity_task(model_ref, x, y, **kwargs) -> dict[str, Any]:
-    arch, state = model_ref
-    return sanity_checks(_rebuild(arch, state), x, y, **kwargs)
+    return sanity_checks(_rebuild(*model_ref), x, y, **kwargs)
 
 
 def check_evaluation_request(
@@ -110,11 +111,10 @@ def _resolved(
     return model_store.ResolvedModel(model, arch["weights_sha256"], arch)
 
 
-def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, env: dict, **attack) -> ChunkResult:
+def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, **attack) -> ChunkResult:
     """Every chunk of examples as a Ray task, merged per example."""
-    task = _chunk_task.options(runtime_env=env) if env else _chunk_task
     pending = [
-        task.remote(model_ref, x[s : s + chunk_size], y[s : s + chunk_size], start=s, **attack)
+        _chunk_task.remote(model_ref, x[s : s + chunk_size], y[s : s + chunk_size], start=s, **attack)
         for s in range(0, len(y), chunk_size)
     ]
     return merge(_gather(pending, total=len(y), chunk_size=chunk_size, progress=progress))
@@ -203,15 +203,13 @@ def run_evaluation(
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
     init_ray(ray_address)  # only now: every input above is checked without starting anything
 
-    model_ref = ray.put((resolved.architecture, resolved.model.state_dict()))
+    code = pack_code(resolved.code) if resolved.code is not None else None
+    model_ref = ray.put((resolved.architecture, resolved.model.state_dict(), code))
     attack = {"norm": norm, "eps": eps, "protocol": protocol, "seed": seed}
-    # A user model's code, importable in every task (the tasks rebuild the model from its record).
-    env = {"py_modules": [str(resolved.code)]} if resolved.code is not None else {}
-    result = _evaluate_sharded(model_ref, x, y, chunk_size=chunk_size, progress=progress, env=env, **attack)
+    result = _evaluate_sharded(model_ref, x, y, chunk_size=chunk_size, progress=progress, **attack)
     sanity = None
     if protocol == "standard" if run_sanity is None else run_sanity:
-        sanity_task = _sanity_task.options(runtime_env=env) if env else _sanity_task
-        sanity = ray.get(sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
+        sanity = ray.get(_sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
     model_info = {
         "uri": model_uri,
         "name": resolved.name,

@@ -27,6 +27,7 @@ from pipeline.models import (
     is_import_path,
     load_pretrained,
 )
+from pipeline.models.user import pack_code
 
 # Where a run's model.init weights are put when they come from MLflow: beside the runs, on storage every
 # worker reaches; one file per run name.
@@ -36,13 +37,10 @@ INIT_FOLDER = ".advtrain-init"
 @dataclass(frozen=True)
 class ModelSetup:
     arch: dict[str, Any]
-    code: Path | None  # the user's package folder or module file (shipped as Ray py_modules); None: built-in
+    # A user model's package (or module) zipped (pipeline.models.user.pack_code), sent to every worker,
+    # which unpacks it before building the model; None for a built-in.
+    code: dict[str, Any] | None
     init: str  # model.init as the workers read it: an absolute .safetensors path, or ""
-
-
-def runtime_env_for(setup: ModelSetup) -> dict[str, Any]:
-    """The Ray runtime_env entries that make the user's code importable in workers and tasks."""
-    return {"py_modules": [str(setup.code)]} if setup.code is not None else {}
 
 
 def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, storage: str, run_name: str) -> ModelSetup:
@@ -78,7 +76,7 @@ def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, stora
         raise ConfigError(f"model.name {config.model.name!r} cannot train on {info.path}: {err}") from None
     except ValueError as err:  # the built-ins' own rules (wide_resnet's 6n+4 depth, small_cnn's side)
         raise ConfigError(f"model.name {config.model.name!r} cannot train on {info.path}: {err}") from None
-    return ModelSetup(arch, code, init)
+    return ModelSetup(arch, pack_code(code) if code is not None else None, init)
 
 
 def _located(config: Config) -> Path:

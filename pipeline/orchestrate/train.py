@@ -23,7 +23,7 @@ from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.errors import checked_name
 from pipeline.orchestrate.cluster import TRIAL_DRIVER_RESOURCE, check_ray_data_cpus, init_ray
-from pipeline.orchestrate.model_setup import ModelSetup, check_model, runtime_env_for
+from pipeline.orchestrate.model_setup import ModelSetup, check_model
 from pipeline.orchestrate.storage import (
     FINISHED_MARKER,
     absolute_locations,
@@ -150,7 +150,7 @@ def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | 
         check_ray_data_cpus(config)
         files = [str(p) for p in run.info.files("train")]
         info = run.info
-        decoded = ray.data.read_parquet(files, columns=["image", "label"]).map_batches(
+        decoded = ray.data.read_parquet(files).map_batches(  # our files hold only image and label
             data_lib.decode_columns,
             fn_kwargs={"shape": info.shape, "num_classes": info.num_classes, "encoded": info.encoded},
             batch_format="numpy",
@@ -171,10 +171,7 @@ def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train's per-report INFO lines drown the per-epoch progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={
-                "env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
-                **runtime_env_for(run.model),  # a user model's code, importable in every worker
-            },
+            worker_runtime_env={"env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}},
             callbacks=callbacks or None,
         ),
         datasets=datasets,
@@ -217,6 +214,7 @@ def run_training(
     worker_context = {
         "config": config.model_dump(),
         "architecture": arch,
+        "code": run.model.code,  # a user model's package, unpacked by each worker before it builds the model
         "loader": run.loader,
         "tracking_uri": uri,
         "run_id": run_id,

@@ -18,6 +18,7 @@ from ray.train import Checkpoint
 
 from pipeline import data as data_lib
 from pipeline.config import Config
+from pipeline.models.user import unpack_code
 from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
 from pipeline.training import LocalWorld, Trainer
@@ -154,6 +155,8 @@ def train_worker_loop(ctx: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker: the one Trainer in a Ray world with an MLflow reporter. Returns
     rank 0's summary (the driver reads result.return_value)."""
     entered = time.time()
+    if ctx.get("code"):
+        unpack_code(ctx["code"])  # the user's model package, importable before the model is built
     config = Config.model_validate(ctx["config"])
     world = RayWorld(ctx["architecture"])
     if world.rank == 0:
