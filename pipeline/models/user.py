@@ -130,6 +130,15 @@ def check_outputs(model: nn.Module, *, shape: tuple[int, int, int], num_classes:
         )
 
 
+def located_code(path: str, base: Path) -> Path:
+    """Import the user's `package.module:function` as the command line finds it (`base`, the folder the
+    command runs in, first on sys.path, as `python -m` puts it) and return its code_location; a ModelError
+    names a module that does not import or a missing function."""
+    make_importable(base)
+    import_builder(path)
+    return code_location(path)
+
+
 def code_location(path: str) -> Path:
     """What holds the code of `package.module:function`: the top-level package's folder, or the file of a
     top-level single-file module. Shipped whole, so the package's own relative imports keep working."""

@@ -7,7 +7,6 @@ Every failure is a ConfigError naming the key, raised before Ray starts or anyth
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,10 @@ from pipeline.models import (
     build_model,
     check_architecture,
     check_outputs,
-    code_location,
     is_import_path,
     load_pretrained,
 )
-from pipeline.models.user import pack_code
+from pipeline.models.user import located_code, pack_code
 
 # Where a run's model.init weights are put when they come from MLflow: beside the runs, on storage every
 # worker reaches; one file per run name.
@@ -47,12 +45,7 @@ def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, stora
     """The model of `config` for the dataset `info`, checked: built (on the meta device for built-ins, for
     real and run once for user models), its code located, its model.init resolved and loaded."""
     user = is_import_path(config.model.name)
-    code = None
-    if user:
-        # As `python -m` would: the folder the command runs in is where a user's package is found first.
-        if str(base) not in sys.path:
-            sys.path.insert(0, str(base))
-        code = _located(config)
+    code = located_code(config.model.name, base) if user else None
     arch = architecture(
         config.model,
         shape=info.shape,
@@ -77,13 +70,6 @@ def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, stora
     except ValueError as err:  # the built-ins' own rules (wide_resnet's 6n+4 depth, small_cnn's side)
         raise ConfigError(f"model.name {config.model.name!r} cannot train on {info.path}: {err}") from None
     return ModelSetup(arch, pack_code(code) if code is not None else None, init)
-
-
-def _located(config: Config) -> Path:
-    from pipeline.models.user import import_builder
-
-    import_builder(config.model.name)  # a clear error for a module that does not import
-    return code_location(config.model.name)
 
 
 def _resolved_init(config: Config, *, base: Path, storage: str, run_name: str) -> str:
@@ -131,9 +117,7 @@ def external_model(
     weights = Path(weights) if Path(weights).is_absolute() else (base / weights).resolve()
     if weights.suffix != ".safetensors" or not weights.is_file():
         raise InputError(f"--weights {weights}: expected an existing .safetensors file")
-    if str(base) not in sys.path:
-        sys.path.insert(0, str(base))
-    code = _located(config) if is_import_path(name) else None
+    code = located_code(name, base) if is_import_path(name) else None
     arch = architecture(
         config.model,
         shape=info.shape,

@@ -23,6 +23,8 @@ from ray import tune
 
 from pipeline.config import Config, ConfigError, config_from_dict, to_toml
 from pipeline.errors import checked_name
+from pipeline.models import is_import_path
+from pipeline.models.user import located_code, pack_code, unpack_code
 
 # load_search and format_table are re-exported: the CLI's `tune` command reads the search file and
 # prints the table through this module.
@@ -68,10 +70,21 @@ def param_space(search: Search) -> dict[str, Any]:
     return out
 
 
-def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, parent_run_id: str, clean_weight: float):
-    """One trial: a whole distributed training run, named after the trial, reporting to Tune."""
+def _trial(
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    search_name: str,
+    parent_run_id: str,
+    clean_weight: float,
+    code: dict[str, Any] | None = None,
+):
+    """One trial: a whole distributed training run, named after the trial, reporting to Tune. `code`: a
+    user model's package (pipeline.models.user.pack_code), unpacked before the run imports it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    if code is not None:
+        unpack_code(code)
     trial_id = tune.get_context().get_trial_id()
     name = f"{search_name}-{trial_id}"
     config = config_from_dict(base, {**params, "run.name": name})
@@ -119,9 +132,13 @@ def finished_trial_metrics(config: Config) -> dict[str, float] | None:
 def _absolute(config: Config, cwd: Path) -> Config:
     """Trial drivers run in Ray's working folders: every path and the tracking URI made absolute."""
     data_path, storage = absolute_locations(config, cwd)
+    init = config.model.init
+    if init and not init.startswith(("models:/", "runs:/")) and not Path(init).is_absolute():
+        init = str((cwd / init).resolve())
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"path": str(data_path)}),
+            "model": config.model.model_copy(update={"init": init}),
             "run": config.run.model_copy(update={"storage_path": storage}),
             "tracking": config.tracking.model_copy(
                 update={"uri": tracking.resolve_tracking_uri(config.tracking.uri, cwd=cwd), "registered_model": ""}
@@ -171,6 +188,7 @@ def run_search(
     name = _search_name(config, name, resume=resume, config_name=config_name)
     driver = _driver_resources()
     concurrency = _concurrency(config, search.settings, driver)
+    code = _user_code(config, base_dir)
     parent_run_id = _start_parent_run(config, original, search, name)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -179,6 +197,7 @@ def run_search(
             search_name=name,
             parent_run_id=parent_run_id,
             clean_weight=search.settings.clean_weight,
+            code=code,
         ),
         driver,
     )
@@ -193,6 +212,13 @@ def run_search(
     summary.seconds = time.perf_counter() - started
     tracking.end_run(config.tracking.uri, parent_run_id, status="FINISHED")
     return summary
+
+
+def _user_code(config: Config, base_dir: Path) -> dict[str, Any] | None:
+    """A user model's package, packed for the trial drivers (Ray tasks in other folders); None for built-ins."""
+    if not is_import_path(config.model.name):
+        return None
+    return pack_code(located_code(config.model.name, base_dir))
 
 
 def _search_path(config: Config, name: str) -> str:

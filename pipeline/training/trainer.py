@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -233,6 +234,8 @@ class Trainer:
             "time/train_s": sums["train_s"],
             "time/val_s": sums["val_s"],
             "time/epoch_s": sums["train_s"] + sums["val_s"],
+            # This rank's peak resident memory so far (Linux reports KiB): what a streamed dataset must bound.
+            "sys/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if epoch == 1 and not self.resumed:
             # Start-up cost, logged with the first epoch of a fresh run: driver start -> this rank (when the

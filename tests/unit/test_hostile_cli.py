@@ -351,3 +351,52 @@ def test_a_model_that_cannot_take_the_datasets_images_is_refused_before_anything
     assert code == cli.EXIT_BAD_INPUT and "6n+4" in text and "wide_resnet" in text, text
     assert ray.is_initialized() == ray_before
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ bring your own model and data, refused early
+
+
+def test_a_user_model_that_cannot_be_imported_or_built_is_refused_before_anything_starts(
+    capsys, tmp_path, digits_path, monkeypatch
+):
+    """Each problem with a user's model function exits 2 naming it, before Ray, MLflow or a run folder."""
+    from user_package import write_user_package
+
+    module = write_user_package(tmp_path / "src")
+    monkeypatch.chdir(tmp_path / "src")  # the package is found from the folder the command runs in
+    run_dir = tmp_path / "work"
+    import ray
+
+    ray_before = ray.is_initialized()
+    cases = [
+        ("no_such_pkg.nets:build", (), "cannot be imported"),
+        (f"{module}:biuld", (), "has no 'biuld'"),
+        (f"{module}:build", ("model.kwargs.depth=3",), "check model.kwargs"),
+        (f"{module}:build", (), "returns a tuple of 2, not a logits tensor; set model.output"),
+        (f"{module}:not_a_module", (), "returned a str"),
+        (f"{module}:build", ("model.output=1",), r"must return float logits of shape \[2, 10\]"),
+        (f"{module}:build", ("model.output=0", 'model.init="missing.safetensors"'), "model.init 'missing.safetensors'"),
+    ]
+    for name, extra, match in cases:
+        sets = (f'data.path="{digits_path}"', f'model.name="{name}"', *extra)
+        code, text = _train(capsys, run_dir, *sets)
+        assert code == cli.EXIT_BAD_INPUT and re.search(match, text), (name, extra, text)
+    assert ray.is_initialized() == ray_before
+    assert not run_dir.exists() and not (tmp_path / "src" / "mlruns").exists()
+
+
+def test_byo_command_options_are_checked(capsys, tmp_path, digits_path):
+    code, text = _run(capsys, "data", "prepare", "digits", "--out", str(tmp_path / "d"), "--size", "8", "8")
+    assert code == cli.EXIT_BAD_INPUT and "--size does not apply to digits" in text, text
+    code, text = _run(capsys, "evaluate", "--model", "mynets.cnn:build", "--data", str(digits_path))
+    assert code == cli.EXIT_BAD_INPUT and "needs --weights" in text, text
+    code, text = _run(capsys, "evaluate", "--model", "small_cnn", "--weights", str(tmp_path / "w.safetensors"))
+    assert code == cli.EXIT_BAD_INPUT and "pass --data FOLDER" in text, text
+    args = ["--data", str(digits_path), "--norm", "linf", "--eps", "0.1"]
+    code, text = _run(capsys, "evaluate", "--model", "small_cnn", "--weights", str(tmp_path / "w.pt"), *args)
+    assert code == cli.EXIT_BAD_INPUT and "expected an existing .safetensors file" in text, text
+    code, text = _run(
+        capsys, "models", "register", "--model", "small_cnn", "--weights", "w.safetensors", "--name", "bad name", *args
+    )
+    assert code == cli.EXIT_BAD_INPUT and "--name" in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
