@@ -81,8 +81,23 @@ def versions(ray_address, mlflow_server, digits_path, undefended, adversarially_
     tmp = tmp_path_factory.mktemp("registry")
     at_model, at_folder = adversarially_trained
     arch = json.loads((at_folder / "architecture.json").read_text())
+    # The undefended model comes in as a model advtrain did not train (`advtrain models register`): a
+    # .safetensors file and a dataset; promotion then treats it like the others.
+    from pipeline.model_folder import WEIGHTS_FILE, save_weights
+    from pipeline.orchestrate.registration import register_external_model
+
+    save_weights(undefended, arch, tmp / "undefended")
+    external = register_external_model(
+        "small_cnn",
+        str(tmp / "undefended" / WEIGHTS_FILE),
+        data_path=str(digits_path),
+        registered_model="promo",
+        norm="linf",
+        eps=0.2,
+        tracking_uri=mlflow_server,
+    )
     v = {
-        "undefended": _register(mlflow_server, "promo", undefended, arch, digits_path),
+        "undefended": str(external["version"]),
         "at": _register(mlflow_server, "promo", at_model, arch, digits_path),
         "dead": _register(mlflow_server, "promo", _dead_model(arch), arch, digits_path),
         "no_evidence": _register(mlflow_server, "promo", at_model, arch, digits_path),
@@ -97,6 +112,8 @@ def test_promotion_gates_aliases_and_rollback(versions, mlflow_server):
     client = client_for(mlflow_server)
     assert reports["at"]["robust_accuracy"] > reports["undefended"]["robust_accuracy"] + 0.2
 
+    external = client.get_model_version("promo", v["undefended"])
+    assert external.tags["method"] == "external" and external.tags["threat_model.eps"] == "0.2"
     first = registry.promote("promo", v["undefended"], policy=POLICY, tracking_uri=mlflow_server)
     assert first.promoted, first.gates
     better = registry.promote("promo", v["at"], policy=POLICY, tracking_uri=mlflow_server)

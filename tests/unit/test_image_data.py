@@ -64,7 +64,8 @@ def test_size_resizes_and_center_crops_and_any_rgb_image_makes_it_rgb(tmp_path):
     for label, name in enumerate(CLASSES):
         (tmp_path / "src" / name).mkdir(parents=True)
         for i in range(10):
-            class_image(label, rng, size=20 + i, rgb=(label == 2 and i == 0)).save(tmp_path / "src" / name / f"{i}.png")
+            image = class_image(label, rng, size=20 + i, rgb=(label == 2 and i == 0))
+            image.save(tmp_path / "src" / name / f"{i}.{'webp' if i == 1 else 'png'}")  # WebP read too
     with pytest.raises(DataError, match=r"images differ in size: pass --size H W"):
         prepare_images(tmp_path / "src", tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
