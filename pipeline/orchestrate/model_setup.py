@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import data as data_lib
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, ModelConfig
 from pipeline.errors import InputError
 from pipeline.models import (
     architecture,
@@ -45,15 +45,7 @@ def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, stora
     """The model of `config` for the dataset `info`, checked: built (on the meta device for built-ins, for
     real and run once for user models), its code located, its model.init resolved and loaded."""
     user = is_import_path(config.model.name)
-    code = located_code(config.model.name, base) if user else None
-    arch = architecture(
-        config.model,
-        shape=info.shape,
-        num_classes=info.num_classes,
-        mean=info.mean,
-        std=info.std,
-        code=code.name if code else "",
-    )
+    arch, code = _record(config.model, info, base)
     init = _resolved_init(config, base=base, storage=storage, run_name=run_name)
     try:
         check_architecture(arch)
@@ -70,6 +62,21 @@ def check_model(config: Config, info: data_lib.DatasetInfo, *, base: Path, stora
     except ValueError as err:  # the built-ins' own rules (wide_resnet's 6n+4 depth, small_cnn's side)
         raise ConfigError(f"model.name {config.model.name!r} cannot train on {info.path}: {err}") from None
     return ModelSetup(arch, pack_code(code) if code is not None else None, init)
+
+
+def _record(model: ModelConfig, info: data_lib.DatasetInfo, base: Path) -> tuple[dict[str, Any], Path | None]:
+    """The architecture record of `model` for the dataset, and a user model's code location (imported as the
+    command line finds it) or None."""
+    code = located_code(model.name, base) if is_import_path(model.name) else None
+    arch = architecture(
+        model,
+        shape=info.shape,
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        code=code.name if code else "",
+    )
+    return arch, code
 
 
 def _resolved_init(config: Config, *, base: Path, storage: str, run_name: str) -> str:
@@ -117,15 +124,7 @@ def external_model(
     weights = Path(weights) if Path(weights).is_absolute() else (base / weights).resolve()
     if weights.suffix != ".safetensors" or not weights.is_file():
         raise InputError(f"--weights {weights}: expected an existing .safetensors file")
-    code = located_code(name, base) if is_import_path(name) else None
-    arch = architecture(
-        config.model,
-        shape=info.shape,
-        num_classes=info.num_classes,
-        mean=info.mean,
-        std=info.std,
-        code=code.name if code else "",
-    )
+    arch, _code = _record(config.model, info, base)
     check_architecture(arch)
     model = build_model(arch)
     check_outputs(model, shape=info.shape, num_classes=info.num_classes, name=name)
