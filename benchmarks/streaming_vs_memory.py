@@ -5,11 +5,12 @@ Pillow, prepared with `prepare images`: encoded bytes on disk) is trained on by 
 with 1 CPU, once with data.loader = memory (the whole train split decoded into the worker as float32)
 and once with data.loader = ray_data (Ray Data's tasks on
 the other CPU decode in map_batches; the worker takes prefetched uint8 batches). Printed: train images/s
-of each (epochs after the first, whose start-up is not the steady state) and their ratio (goal >= 0.8);
-and the worker's peak resident memory (`sys/peak_rss_mb`) streaming datasets of N and 2N images, both
-over 4x data.memory_limit_mb, against the in-memory loader's: bounded means it does not grow with N.
+of each (epochs after the first, whose start-up is not the steady state) and their ratio (goal >= 0.8), on
+28x28 images with FGSM-RS; and the worker's peak resident memory (`sys/peak_rss_mb`) on datasets of N
+and 2N 56x56 images (the train split 4x and 8x data.memory_limit_mb as float32), one epoch of standard
+training each, streamed and in memory: bounded means it does not grow with N.
 
-    .venv/bin/python benchmarks/streaming_vs_memory.py [--images 10000] [--method fgsm_rs] [--json F]
+    .venv/bin/python benchmarks/streaming_vs_memory.py [--images 10000] [--memory-images 16000] [--json F]
 """
 
 from __future__ import annotations
@@ -36,29 +37,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_images(source: str, root: Path, count: int) -> Path:
-    """The first `count` images of a prepared dataset's train split as class folders, PNG and JPEG
-    alternately (real images: a synthetic set that is learnt perfectly drives the loss to 0, where
-    denormal arithmetic, not data loading, sets the speed)."""
+    """`count` images of a prepared dataset's train split (cycled when it has fewer) as class folders,
+    PNG and JPEG alternately. Real images: a synthetic set that is learnt perfectly drives the loss to 0,
+    where denormal arithmetic, not data loading, sets the speed."""
     x, y = load_split(source, "train", max_examples=count)
     pixels = (x * 255).round().to(torch.uint8).numpy()
-    for i in range(len(y)):
-        folder = root / f"class{int(y[i])}"
+    for i in range(count):
+        j = i % len(y)
+        folder = root / f"class{int(y[j])}"
         folder.mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(pixels[i, 0])
+        image = Image.fromarray(pixels[j, 0])
         image.save(folder / f"{i:06d}.png") if i % 2 else image.save(folder / f"{i:06d}.jpg", quality=92)
     return root
 
 
-def train(data: Path, loader: str, args, tmp: Path, name: str) -> dict:
+def train(data: Path, loader: str, args, tmp: Path, *, name: str, method: str, epochs: int, limit_mb: float) -> dict:
     config = load_config(
         ROOT / "jobs/configs/fashion_mnist_fast.toml",
         [
             f'data.path="{data}"',
             f'data.loader="{loader}"',
-            f"data.memory_limit_mb={args.memory_limit_mb}",
+            f"data.memory_limit_mb={limit_mb}",
             f"data.batch_size={args.batch_size}",
-            f'method.name="{args.method}"',
-            f"run.epochs={args.epochs}",
+            f'method.name="{method}"',
+            f"run.epochs={epochs}",
             f'run.name="{name}"',
             f'run.storage_path="{tmp / "runs"}"',
             "validation.num_examples=200",
@@ -72,67 +74,89 @@ def train(data: Path, loader: str, args, tmp: Path, name: str) -> dict:
     summary = run_training(config, config_name=name)
     client = client_for(summary.tracking_uri)
     history = {
-        k: [m.value for m in sorted(client.get_metric_history(summary.mlflow_run_id, k), key=lambda m: m.step)]
-        for k in ("train/images_per_s", "sys/peak_rss_mb")
+        key: [m.value for m in sorted(client.get_metric_history(summary.mlflow_run_id, key), key=lambda m: m.step)]
+        for key in ("train/images_per_s", "sys/peak_rss_mb")
     }
+    speeds = history["train/images_per_s"]
     return {
         "loader": loader,
-        "images_per_s": statistics.median(history["train/images_per_s"][1:]),
+        "images_per_s": statistics.median(speeds[1:] or speeds),  # after the first epoch's start-up
         "peak_rss_mb": max(history["sys/peak_rss_mb"]),
         "val_clean": summary.val_clean_acc,
     }
 
 
+def dataset(args, tmp: Path, count: int, size: int) -> tuple[Path, float]:
+    """A prepared image dataset of `count` images at size x size; its train split's size as float32, MiB."""
+    images = write_images(args.data, tmp / f"images-{count}-{size}", count)
+    resize = None if size == 28 else (size, size)  # 28x28 keeps the PNG and JPEG bytes as they are
+    info = prepare_images(images, tmp / f"data-{count}-{size}", size=resize, val_fraction=0.1, test_fraction=0.2)
+    shutil.rmtree(images)
+    return info.path, info.num_rows("train") * size * size * 4 / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT / "data/fashion-mnist"), help="where the images come from")
-    parser.add_argument("--images", type=int, default=10000, help="N: the smaller dataset's image count")
-    parser.add_argument("--method", default="fgsm_rs", choices=["fgsm_rs", "standard"])
+    parser.add_argument("--images", type=int, default=10000, help="speed: images (28x28) of the dataset")
+    parser.add_argument("--memory-images", type=int, default=16000, help="memory: N, images (56x56) of the smaller")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    float_mb = args.images * 0.7 * 28 * 28 * 4 / 2**20  # the train split (70% of N) as float32
-    args.memory_limit_mb = round(float_mb / 4, 2)  # N's split is 4x the limit, 2N's 8x
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="advtrain-streaming-"))
+    rows: dict[str, dict] = {}
     try:
         init_ray(num_cpus=2)
-        rows = {}
-        for count in (args.images, 2 * args.images):
-            data = tmp / f"data-{count}"
-            images = write_images(args.data, tmp / f"images-{count}", count)
-            prepare_images(images, data, val_fraction=0.1, test_fraction=0.2)
-            for loader in ("memory", "ray_data"):
-                rows[(count, loader)] = train(data, loader, args, tmp, f"{loader}-{count}")
-                print(f"  N={count} {loader}: {rows[(count, loader)]}", flush=True)
+        data, float_mb = dataset(args, tmp, args.images, 28)
+        for loader in ("memory", "ray_data"):
+            run = dict(name=f"speed-{loader}", method="fgsm_rs", epochs=args.epochs, limit_mb=round(float_mb / 4, 3))
+            rows[f"speed {loader}"] = {**train(data, loader, args, tmp, **run), "images": args.images, "mib": float_mb}
+            print(f"  {rows[f'speed {loader}']}", flush=True)
+        n = args.memory_images
+        limit = None
+        for count in (n, 2 * n):
+            data, float_mb = dataset(args, tmp, count, 56)
+            limit = limit or round(float_mb / 4, 3)  # N's train split is 4x the limit, 2N's 8x
+            for loader in ("ray_data", "memory"):
+                run = dict(name=f"memory-{loader}-{count}", method="standard", epochs=1, limit_mb=limit)
+                rows[f"memory {loader} {count}"] = {
+                    **train(data, loader, args, tmp, **run),
+                    "images": count,
+                    "mib": float_mb,
+                }
+                print(f"  {rows[f'memory {loader} {count}']}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    n, n2 = args.images, 2 * args.images
-    ratio = rows[(n, "ray_data")]["images_per_s"] / rows[(n, "memory")]["images_per_s"]
+    report(rows, args, limit, started)
+
+
+def report(rows: dict[str, dict], args, limit: float, started: float) -> None:
+    ratio = rows["speed ray_data"]["images_per_s"] / rows["speed memory"]["images_per_s"]
+    n = args.memory_images
     print(
-        f"# streaming vs in-memory, 32x32 RGB encoded images, method {args.method}, 1 worker x 1 CPU + 1 CPU "
-        f"for Ray Data; data.memory_limit_mb {args.memory_limit_mb}; {platform.machine()}; "
-        f"whole run {time.perf_counter() - started:.0f} s"
+        f"# streaming vs in-memory, Fashion-MNIST as PNG/JPEG files; 1 Ray Train worker x 1 CPU, 1 CPU for Ray "
+        f"Data; {platform.machine()}; whole run {time.perf_counter() - started:.0f} s"
     )
-    print("| images (train split as float32) | loader | images/s | worker peak RSS MiB | val clean |")
-    print("|---|---|---:|---:|---:|")
-    for (count, loader), r in rows.items():
+    print("| part | images (train split as float32) | loader | images/s | worker peak RSS MiB | val clean |")
+    print("|---|---|---|---:|---:|---:|")
+    for key, r in rows.items():
+        part = "speed: 28x28, fgsm_rs" if key.startswith("speed") else f"memory: 56x56, standard, limit {limit} MiB"
         print(
-            f"| {count} ({count * 0.7 * 12288 / 2**20:.0f} MiB) | {loader} | {r['images_per_s']:.0f} "
+            f"| {part} | {r['images']} ({r['mib']:.0f} MiB) | {r['loader']} | {r['images_per_s']:.0f} "
             f"| {r['peak_rss_mb']:.0f} | {r['val_clean']:.3f} |"
         )
-    growth_stream = rows[(n2, "ray_data")]["peak_rss_mb"] - rows[(n, "ray_data")]["peak_rss_mb"]
-    growth_memory = rows[(n2, "memory")]["peak_rss_mb"] - rows[(n, "memory")]["peak_rss_mb"]
+    growth = {
+        loader: rows[f"memory {loader} {2 * n}"]["peak_rss_mb"] - rows[f"memory {loader} {n}"]["peak_rss_mb"]
+        for loader in ("ray_data", "memory")
+    }
     print(
-        f"streaming / in-memory images/s at N={n}: {ratio:.3f} (goal >= 0.8); worker peak RSS growth N -> 2N: "
-        f"streaming {growth_stream:+.0f} MiB, in-memory {growth_memory:+.0f} MiB"
+        f"streaming / in-memory images/s: {ratio:.3f} (goal >= 0.8); worker peak RSS from N={n} to 2N: streaming "
+        f"{growth['ray_data']:+.0f} MiB, in-memory {growth['memory']:+.0f} MiB"
     )
     if args.json:
-        out = {f"{c}-{loader}": r for (c, loader), r in rows.items()}
-        Path(args.json).write_text(
-            json.dumps({"rows": out, "ratio": ratio, "memory_limit_mb": args.memory_limit_mb}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "rss_growth_mib": growth}, indent=1))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,14 @@ Nothing here imports ray: the Ray Data path lives in pipeline.orchestrate.train.
 
 from pipeline.data.format import DataError, DatasetInfo, read_file, read_metadata, sha256_file, validate_dataset
 from pipeline.data.metadata import FORMAT_VERSION, METADATA_FILE, SPLITS
-from pipeline.data.shards import decode_columns, load_split, shard_indices, to_float, train_bytes_as_float
+from pipeline.data.shards import (
+    decode_columns,
+    load_split,
+    shard_indices,
+    split_files,
+    to_float,
+    train_bytes_as_float,
+)
 from pipeline.data.sources import (
     CIFAR10_CLASSES,
     CIFAR10_TRAIN_BATCHES,
@@ -62,6 +69,7 @@ __all__ = [
     "read_metadata",
     "sha256_file",
     "shard_indices",
+    "split_files",
     "to_float",
     "train_bytes_as_float",
     "validate_dataset",

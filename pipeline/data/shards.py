@@ -8,6 +8,7 @@ pipeline.orchestrate.train and pipeline.orchestrate.worker.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,15 @@ def decode_columns(
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"streamed batch: label outside [0, {num_classes})")
     return {"image": images, "label": labels}
+
+
+def split_files(path: str | Path, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A split file by file, each as (float32 pixels in [0,1], labels), every check applied: what reads
+    a split that may not fit in memory (the final test metrics of a streamed dataset)."""
+    info = read_metadata(path)
+    for entry in info.splits[split]:
+        x, y = read_file(info, entry)
+        yield to_float(x), torch.from_numpy(y)
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -353,17 +353,21 @@ class Trainer:
         """Rank 0: test-set numbers of the chosen epoch's weights, then hand them to the reporter."""
         config, device, model = self.config, self.world.device, state.model
         chosen = next(row["metrics"] for row in state.history if row["epoch"] == registered_epoch)
-        x_test, y_test = data_lib.load_split(config.data.path, "test")
         generator = torch.Generator(device=device).manual_seed(config.run.seed)
-        n_robust = config.validation.num_examples or len(y_test)
-        test = self._robust_counts(model, x_test[:n_robust], y_test[:n_robust], generator)
-        model.eval()
-        # Clean accuracy on the whole test split with the same function a loaded model is checked with.
-        predictions = predict(model, x_test, batch_size=config.validation.batch_size, device=device)
-        test_metrics = {
-            "test/clean_acc": float((predictions == y_test).float().mean()),
-            "test/robust_acc": test["robust_correct"] / max(test["count"], 1),
-        }
+        left = config.validation.num_examples or None  # robust accuracy on the first N test examples (0: all)
+        robust = count = correct = total = 0
+        # File by file: a streamed dataset's test split need not fit in memory either.
+        for x_test, y_test in data_lib.split_files(config.data.path, "test"):
+            take = len(y_test) if left is None else min(left, len(y_test))
+            if take:
+                part = self._robust_counts(model, x_test[:take], y_test[:take], generator)
+                robust, count = robust + part["robust_correct"], count + part["count"]
+                left = None if left is None else left - take
+            model.eval()
+            # Clean accuracy on the whole test split with the same function a loaded model is checked with.
+            predictions = predict(model, x_test, batch_size=config.validation.batch_size, device=device)
+            correct, total = correct + int((predictions == y_test).sum()), total + len(y_test)
+        test_metrics = {"test/clean_acc": correct / max(total, 1), "test/robust_acc": robust / max(count, 1)}
         cpu_model = build_model(self.arch)
         cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
         registered = self.reporter.finish(
