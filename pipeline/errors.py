@@ -3,7 +3,7 @@
 Every expected failure is an `InputError` (or one of its kinds below): bad input the user must fix,
 exit code 2, with a one-paragraph message naming the file/key/value and what to change. A documented
 refusal (a promotion gate failing) is exit code 1 and is not an exception. Anything else is a bug:
-exit code 3, the traceback in a log file (pipeline/cli.py).
+exit code 3, the traceback in a log file (pipeline/cli/__init__.py).
 """
 
 from __future__ import annotations

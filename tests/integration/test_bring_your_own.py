@@ -62,7 +62,7 @@ def test_user_model_streams_images_registers_and_evaluates_elsewhere(
     env["MLFLOW_TRACKING_URI"] = mlflow_server
     out = elsewhere / "report"
     command = [str(Path(sys.executable).with_name("advtrain")), "evaluate", "--model", "models:/user-it/1"]
-    command += ["--protocol", "fast", "--num-examples", "40", "--out", str(out), "--ray-address", ray_address]
+    command += ["--protocol", "fast", "--num-examples", "24", "--out", str(out), "--ray-address", ray_address]
     done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "report.json").read_text())
