@@ -14,6 +14,12 @@ from pipeline.cli import app
 from pipeline.errors import InputError, checked_name
 from pipeline.evaluate import PROTOCOLS
 
+# Options train and tune share.
+RayAddress = Annotated[
+    str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
+]
+NumCpus = Annotated[int | None, typer.Option(min=1, max=4096, help="CPUs of a local Ray instance (default: all).")]
+
 
 @app.command("train")
 def train(
@@ -25,12 +31,8 @@ def train(
     resume: Annotated[
         str | None, typer.Option(help="Resume the run with this name from its last checkpoint (must exist).")
     ] = None,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
-    ] = None,
-    num_cpus: Annotated[
-        int | None, typer.Option(min=1, max=4096, help="CPUs of a local Ray instance (default: all).")
-    ] = None,
+    ray_address: RayAddress = None,
+    num_cpus: NumCpus = None,
 ) -> None:
     """Adversarial training on Ray Train, tracked in MLflow; registers the model at the end.
 
@@ -91,12 +93,8 @@ def tune_cmd(
     resume: Annotated[
         bool, typer.Option(help="Continue the interrupted search --name; finished trials are kept.")
     ] = False,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster to use (else RAY_ADDRESS, else a local Ray instance).")
-    ] = None,
-    num_cpus: Annotated[
-        int | None, typer.Option(min=1, max=4096, help="CPUs of a local Ray instance (default: all).")
-    ] = None,
+    ray_address: RayAddress = None,
+    num_cpus: NumCpus = None,
 ) -> None:
     """Ray Tune search over the run config's keys: each trial a distributed training run, ASHA on the
     robust objective, one MLflow parent run with a child per trial; writes the best config as TOML.
