@@ -1,12 +1,14 @@
-"""Robust evaluation: worst case over an attack ensemble, sanity checks against gradient masking, reports.
+"""Robust evaluation: worst case over an attack ensemble, sanity checks against gradient masking.
 
 Pure torch (no ray, no mlflow): pipeline.orchestrate.evaluation shards `evaluate_chunk` over Ray workers and logs
-the report. Robust accuracy is the per-example worst case: an example counts as robust only if no
-attack of the protocol fooled it; like AutoAttack, each attack runs only on the points still robust.
-Randomness is seeded per chunk of examples, so results do not depend on how chunks are sharded.
+the report (pipeline/evaluation_report.py). Like AutoAttack, each attack of the fixed-eps cascade runs only on
+the points still robust. Randomness is seeded per chunk of examples, so results do not depend on how chunks
+are sharded.
 
-The sanity checks that flag a number as a likely artefact of weak attacks or masked gradients are
-pipeline/sanity.py.
+The reported robust accuracy is the worst case over everything the evaluation ran (`worst_case`): an
+example broken by the cascade, by a minimal-norm attack within eps (`--protocol minimal`), by examples
+transferred from a surrogate model (`--transfer-from`) or by a sanity check's stronger attacks counts as
+broken. The sanity checks are pipeline/sanity.py.
 """
 
 from __future__ import annotations
@@ -21,18 +23,42 @@ import torch
 from torch import nn
 
 from pipeline.attacks import get_attack
+from pipeline.attacks.minimal import perturbation_norms
 
-# (attack name, keyword arguments). step_size for PGD is set from eps at run time.
+# AutoAttack's "standard" version (Croce & Hein 2020), each attack on the points still robust.
+STANDARD = [
+    ("apgd_ce", {"num_steps": 100}),
+    ("apgd_t", {"num_steps": 100, "num_target_classes": 9}),
+    ("fab_t", {"num_steps": 100, "num_target_classes": 9}),
+    ("square", {"num_queries": 5000}),
+]
+# (attack name, keyword arguments): the fixed-eps cascade of each protocol. step_size for PGD is set from
+# eps at run time. `minimal` runs the standard cascade too: its fixed-eps number is the one the
+# minimal-norm curve is compared with.
 PROTOCOLS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "fast": [("apgd_ce", {"num_steps": 50}), ("apgd_t", {"num_steps": 50, "num_target_classes": 3})],
-    # AutoAttack's "standard" version (Croce & Hein 2020) without FAB-T.
-    "standard": [
-        ("apgd_ce", {"num_steps": 100}),
-        ("apgd_t", {"num_steps": 100, "num_target_classes": 9}),
-        ("square", {"num_queries": 5000}),
-    ],
+    "standard": STANDARD,
     "pgd": [("pgd", {"num_steps": 50, "num_restarts": 2}), ("pgd_cw", {"num_steps": 50, "num_restarts": 1})],
+    "minimal": STANDARD,
 }
+# The minimal-norm attacks of `--protocol minimal`, run unbounded (eps=inf) on every clean-correct point:
+# each example's smallest adversarial perturbation is the best of them. The papers' budgets, except C&W:
+# 1000 iterations (with early abort) instead of 10000, so a CPU evaluation ends the same day.
+MINIMAL_ATTACKS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "linf": [
+        ("deepfool", {"num_steps": 50, "overshoot": 0.02}),
+        ("fmn", {}),
+        ("fab_t", {"num_steps": 100, "num_target_classes": 9}),
+    ],
+    "l2": [
+        ("deepfool", {"num_steps": 50, "overshoot": 0.02}),
+        ("fmn", {}),
+        ("fab_t", {"num_steps": 100, "num_target_classes": 9}),
+        ("cw_l2", {"num_steps": 1000}),
+    ],
+}
+# `--transfer-from`: examples crafted on a surrogate model at the same eps, scored on the target.
+TRANSFER_ATTACKS = [("pgd", {"num_steps": 50, "num_restarts": 1}), ("mi_fgsm", {"num_steps": 10, "decay": 1.0})]
 NUM_GRID_EXAMPLES = 16
 
 
@@ -42,15 +68,44 @@ class ChunkResult:
 
     start: int
     clean_correct: torch.Tensor  # bool (n,)
-    robust_after: dict[str, torch.Tensor]  # attack -> bool (n,), cumulative over the protocol
+    robust_after: dict[str, torch.Tensor]  # attack -> bool (n,), cumulative over the fixed-eps cascade
     predicted_adv: torch.Tensor  # int (n,) prediction on the final adversarial input
     grid_x_adv: torch.Tensor | None = None  # x_adv of examples with index < NUM_GRID_EXAMPLES
     seconds: dict[str, float] = field(default_factory=dict)
+    # minimal-norm attack -> float (n,): the norm of the adversarial it found; inf: none found, 0: clean-wrong
+    min_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # transfer attack -> bool (n,): the target still correct on the surrogate's adversarial (False: clean-wrong)
+    transfer_correct: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def robust(self) -> torch.Tensor:
-        """bool (n,): robust to the whole protocol (the last attack's cumulative mask)."""
+        """bool (n,): robust to the whole fixed-eps cascade (the last attack's cumulative mask)."""
         return next(reversed(self.robust_after.values()))
+
+    @property
+    def min_norm(self) -> torch.Tensor | None:
+        """float (n,): each example's smallest adversarial perturbation over the minimal-norm attacks."""
+        return torch.stack(list(self.min_norms.values())).amin(0) if self.min_norms else None
+
+
+def model_device(model: Callable, fallback: torch.device) -> torch.device:
+    """Where the model's parameters live (`fallback` for a parameter-free model or a plain function)."""
+    parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
+    first = next(parameters, None)
+    return first.device if first is not None else fallback
+
+
+def worst_case(result: ChunkResult, *, eps: float, extra_broken: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (n,): robust to everything the evaluation ran: the cascade, a minimal-norm adversarial within
+    eps, every transferred example, and `extra_broken` (bool (n,): the sanity checks' stronger attacks)."""
+    robust = result.robust.clone()
+    if result.min_norm is not None:
+        robust &= result.min_norm > eps
+    for correct in result.transfer_correct.values():
+        robust &= correct
+    if extra_broken is not None:
+        robust &= ~extra_broken
+    return robust
 
 
 def attack_kwargs(name: str, kwargs: dict[str, Any], *, eps: float, norm: str) -> dict[str, Any]:
@@ -58,6 +113,62 @@ def attack_kwargs(name: str, kwargs: dict[str, Any], *, eps: float, norm: str) -
     if name in ("pgd", "pgd_cw"):
         out["step_size"] = 2.5 * eps / kwargs["num_steps"]
     return out
+
+
+def _cascade(model: nn.Module, x, y, clean, *, attacks, eps: float, norm: str, generator) -> dict[str, Any]:
+    """The fixed-eps attacks in order, each on the points still robust (AutoAttack's scheme)."""
+    robust, x_final = clean.clone(), x.clone()
+    robust_after, seconds, adv_pred_all = {}, {}, torch.full_like(y, -1)
+    for name, kwargs in attacks:
+        started = time.perf_counter()
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel():
+            x_adv = get_attack(name)(
+                model, x[idx], y[idx], generator=generator, **attack_kwargs(name, kwargs, eps=eps, norm=norm)
+            )
+            with torch.no_grad():
+                adv_pred = model(x_adv).argmax(1)
+            fooled = adv_pred != y[idx]
+            robust[idx[fooled]] = False
+            x_final[idx[fooled]] = x_adv[fooled]
+            adv_pred_all[idx[fooled]] = adv_pred[fooled]
+        robust_after[name] = robust.clone().cpu()
+        seconds[name] = time.perf_counter() - started
+    return {"robust_after": robust_after, "seconds": seconds, "x_final": x_final, "adv_pred": adv_pred_all}
+
+
+def _minimal_norms(model: nn.Module, x, y, clean, *, norm: str, generator) -> tuple[dict, dict]:
+    """Each minimal-norm attack, unbounded, on the clean-correct points: the norm of what it found."""
+    norms, seconds = {}, {}
+    idx = clean.nonzero().squeeze(1)
+    for name, kwargs in MINIMAL_ATTACKS[norm]:
+        started = time.perf_counter()
+        found = torch.where(clean, math.inf, 0.0).to(device=x.device, dtype=torch.float32)
+        if idx.numel():
+            x_adv = get_attack(name)(model, x[idx], y[idx], eps=math.inf, norm=norm, generator=generator, **kwargs)
+            with torch.no_grad():
+                fooled = model(x_adv).argmax(1) != y[idx]
+            size = perturbation_norms(x[idx], x_adv, norm).float()
+            found[idx] = torch.where(fooled, size, torch.full_like(size, math.inf))
+        norms[name] = found.cpu()
+        seconds[f"minimal.{name}"] = time.perf_counter() - started
+    return norms, seconds
+
+
+def _transferred(
+    model: nn.Module, surrogate: nn.Module, x, y, clean, *, eps: float, norm: str, generator
+) -> tuple[dict, dict]:
+    """Adversarial examples crafted on `surrogate` (white-box there), scored on `model`."""
+    correct, seconds = {}, {}
+    for name, kwargs in TRANSFER_ATTACKS:
+        started = time.perf_counter()
+        x_adv = get_attack(name)(
+            surrogate, x, y, generator=generator, **attack_kwargs(name, kwargs, eps=eps, norm=norm)
+        )
+        with torch.no_grad():
+            correct[name] = (clean & (model(x_adv).argmax(1) == y)).cpu()
+        seconds[f"transfer.{name}"] = time.perf_counter() - started
+    return correct, seconds
 
 
 def evaluate_chunk(
@@ -71,53 +182,52 @@ def evaluate_chunk(
     protocol: str,
     seed: int,
     device: torch.device | None = None,
+    surrogate: nn.Module | None = None,
 ) -> ChunkResult:
-    """Run the protocol's attacks on one chunk (model in eval mode; the caller sets it)."""
-    device = device or torch.device("cpu")
+    """Run the protocol's attacks on one chunk (model, and `surrogate` for transfer attacks, in eval mode
+    on `device`; the caller sets both). Every tensor follows `device` (default: the model's)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")
+    device = device or model_device(model, x.device)
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
     x, y = x.to(device), y.to(device)
     with torch.no_grad():
         predicted = model(x).argmax(1)
     clean = predicted == y
-    robust = clean.clone()
-    x_final = x.clone()
-    robust_after, seconds = {}, {}
-    for name, kwargs in PROTOCOLS[protocol]:
-        started = time.perf_counter()
-        idx = robust.nonzero().squeeze(1)
-        if idx.numel():
-            x_adv = get_attack(name)(
-                model, x[idx], y[idx], generator=generator, **attack_kwargs(name, kwargs, eps=eps, norm=norm)
-            )
-            with torch.no_grad():
-                adv_pred = model(x_adv).argmax(1)
-            fooled = adv_pred != y[idx]
-            robust[idx[fooled]] = False
-            x_final[idx[fooled]] = x_adv[fooled]
-            predicted[idx[fooled]] = adv_pred[fooled]
-        robust_after[name] = robust.clone().cpu()
-        seconds[name] = time.perf_counter() - started
-    grid = None
-    if start < NUM_GRID_EXAMPLES:
-        grid = x_final[: NUM_GRID_EXAMPLES - start].cpu()
-    return ChunkResult(start, clean.cpu(), robust_after, predicted.cpu(), grid, seconds)
+    out = _cascade(model, x, y, clean, attacks=PROTOCOLS[protocol], eps=eps, norm=norm, generator=generator)
+    predicted = torch.where(out["adv_pred"] >= 0, out["adv_pred"], predicted)
+    min_norms, transfer_correct, seconds = {}, {}, dict(out["seconds"])
+    if protocol == "minimal":
+        min_norms, spent = _minimal_norms(model, x, y, clean, norm=norm, generator=generator)
+        seconds.update(spent)
+    if surrogate is not None:
+        transfer_correct, spent = _transferred(model, surrogate, x, y, clean, eps=eps, norm=norm, generator=generator)
+        seconds.update(spent)
+    grid = out["x_final"][: NUM_GRID_EXAMPLES - start].cpu() if start < NUM_GRID_EXAMPLES else None
+    return ChunkResult(
+        start, clean.cpu(), out["robust_after"], predicted.cpu(), grid, seconds, min_norms, transfer_correct
+    )
 
 
 def merge(chunks: list[ChunkResult]) -> ChunkResult:
     """Chunks (any order) -> one result over all examples, in index order."""
     chunks = sorted(chunks, key=lambda c: c.start)
-    names = list(chunks[0].robust_after)
     grids = [c.grid_x_adv for c in chunks if c.grid_x_adv is not None]
-    seconds = {n: sum(c.seconds.get(n, 0.0) for c in chunks) for n in names}
+    seconds = {n: sum(c.seconds.get(n, 0.0) for c in chunks) for n in chunks[0].seconds}
+
+    def joined(field_name: str) -> dict[str, torch.Tensor]:
+        first = getattr(chunks[0], field_name)
+        return {n: torch.cat([getattr(c, field_name)[n] for c in chunks]) for n in first}
+
     return ChunkResult(
         start=0,
         clean_correct=torch.cat([c.clean_correct for c in chunks]),
-        robust_after={n: torch.cat([c.robust_after[n] for c in chunks]) for n in names},
+        robust_after=joined("robust_after"),
         predicted_adv=torch.cat([c.predicted_adv for c in chunks]),
         grid_x_adv=torch.cat(grids) if grids else None,
         seconds=seconds,
+        min_norms=joined("min_norms"),
+        transfer_correct=joined("transfer_correct"),
     )
 
 
@@ -132,6 +242,7 @@ def evaluate_examples(
     seed: int,
     chunk_size: int,
     on_chunk: Callable[[ChunkResult], None] | None = None,
+    surrogate: nn.Module | None = None,
 ) -> ChunkResult:
     """The whole evaluation in this process (what the Ray shards compute, chunk by chunk).
 
@@ -149,6 +260,7 @@ def evaluate_examples(
             eps=eps,
             protocol=protocol,
             seed=seed,
+            surrogate=surrogate,
         )
         if on_chunk is not None:
             on_chunk(chunk)
@@ -156,20 +268,34 @@ def evaluate_examples(
     return merge(chunks)
 
 
-def per_example(result: ChunkResult) -> dict[str, list]:
-    """Which examples were clean-correct, robust, and which attack broke each (None = robust or wrong)."""
-    names = list(result.robust_after)
+def per_example(result: ChunkResult, *, eps: float, extra_broken: torch.Tensor | None = None) -> dict[str, list]:
+    """Per example: clean-correct, robust (the worst case), the attack that broke it first (None = robust
+    or wrong; "minimal.<attack>", "transfer.<attack>" or "sanity" after the cascade), the smallest
+    adversarial perturbation found (`--protocol minimal`; None = none found)."""
     broken_by: list[str | None] = [None] * len(result.clean_correct)
     previous = result.clean_correct
-    for name in names:
-        for i in (previous & ~result.robust_after[name]).nonzero().squeeze(1).tolist():
+    stages = list(result.robust_after.items())
+    if result.min_norms:
+        stages.append(("minimal", result.min_norm > eps))
+    stages += [(f"transfer.{name}", correct) for name, correct in result.transfer_correct.items()]
+    if extra_broken is not None:
+        stages.append(("sanity", ~extra_broken))
+    for name, survived in stages:
+        still = previous & survived
+        for i in (previous & ~still).nonzero().squeeze(1).tolist():
             broken_by[i] = name
-        previous = result.robust_after[name]
-    return {
-        "clean_correct": result.clean_correct.tolist(),
-        "robust": result.robust.tolist(),
-        "broken_by": broken_by,
-    }
+        previous = still
+    rows = {"clean_correct": result.clean_correct.tolist(), "robust": previous.tolist(), "broken_by": broken_by}
+    if result.min_norm is not None:
+        rows["min_norm"] = [None if math.isinf(v) else v for v in result.min_norm.tolist()]
+    return rows
+
+
+def mcnemar_disagree(a: torch.Tensor, b: torch.Tensor, z: float = 1.96) -> bool:
+    """Do two paired per-example outcomes (bool (n,)) differ by more than sampling noise? McNemar's test
+    on the discordant pairs, which is what matters when both come from the same examples."""
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_a + only_b > 0 and abs(only_a - only_b) > z * math.sqrt(only_a + only_b)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -181,127 +307,3 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def report(
-    result: ChunkResult,
-    *,
-    sanity: dict[str, Any] | None,
-    protocol: str,
-    norm: str,
-    eps: float,
-    seed: int,
-    model_info: dict[str, Any],
-    data_info: dict[str, Any],
-    seconds: float,
-) -> dict[str, Any]:
-    """The JSON report: every number with the protocol that produced it."""
-    import platform
-
-    import torch as _torch
-
-    n = len(result.clean_correct)
-    names = [name for name, _ in PROTOCOLS[protocol]]
-    robust = int(result.robust.sum())
-    clean = int(result.clean_correct.sum())
-    low, high = wilson_interval(robust, n)
-    return {
-        "model": model_info,
-        "data": data_info,
-        "threat_model": {"norm": norm, "eps": eps},
-        "clean_accuracy": clean / n,
-        "robust_accuracy": robust / n,
-        "robust_accuracy_ci95": [low, high],
-        "accuracy_after_each_attack": {name: float(result.robust_after[name].float().mean()) for name in names},
-        "sanity": sanity,
-        "suspect": (not sanity["passed"]) if sanity else None,
-        "protocol": {
-            "name": protocol,
-            "attacks": [{"name": name, **kwargs} for name, kwargs in PROTOCOLS[protocol]],
-            "worst_case": "per example over the attacks; each attack runs only on points still robust",
-            "num_examples": n,
-            "seed": seed,
-        },
-        "seconds": {"total": seconds, **{f"attack.{k}": v for k, v in result.seconds.items()}},
-        "versions": {"torch": _torch.__version__, "python": platform.python_version(), "advtrain": _advtrain_version()},
-    }
-
-
-def _advtrain_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("advtrain")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def plot_curve(sanity: dict[str, Any], path, *, norm: str, eps: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = sanity["checks"]["monotone_in_eps"]["curve"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p["eps"] for p in curve], [p["accuracy"] for p in curve], marker="o")
-    ax.axvline(eps, color="grey", linestyle="--", label=f"eval eps={eps}")
-    ax.axhline(sanity["checks"]["monotone_in_eps"]["chance"], color="red", linestyle=":", label="chance")
-    ax.set_xlabel(f"{norm} eps")
-    ax.set_ylabel("accuracy (APGD-CE)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("Robust accuracy vs eps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_examples(
-    x: torch.Tensor, y: torch.Tensor, result: ChunkResult, class_names: list[str], path, *, count: int = 8
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if result.grid_x_adv is None:
-        return
-    count = min(count, len(result.grid_x_adv))
-    fig, axes = plt.subplots(2, count, figsize=(1.4 * count, 3.2), squeeze=False)
-    for i in range(count):
-        for row, (image, label) in enumerate(
-            [
-                (x[i], f"true: {class_names[int(y[i])]}" + ("" if result.clean_correct[i] else " (missed)")),
-                (result.grid_x_adv[i], f"adv: {class_names[int(result.predicted_adv[i])]}"),
-            ]
-        ):
-            ax = axes[row][i]
-            img = image.permute(1, 2, 0).numpy()
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(label, fontsize=7)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def summary_text(model: str, rep: dict) -> str:
-    """The report's headline numbers, each attack's and each sanity check's, and the verdict."""
-    low, high = rep["robust_accuracy_ci95"]
-    lines = [
-        "",
-        f"{model}: {rep['threat_model']['norm']} eps={rep['threat_model']['eps']}, protocol {rep['protocol']['name']}, "
-        f"{rep['protocol']['num_examples']} examples, {rep['seconds']['total']:.0f}s",
-        f"  clean accuracy   {rep['clean_accuracy']:.4f}",
-        f"  robust accuracy  {rep['robust_accuracy']:.4f}  (95% CI {low:.4f}-{high:.4f})",
-    ]
-    lines += [f"    after {name:9s} {acc:.4f}" for name, acc in rep["accuracy_after_each_attack"].items()]
-    if rep["sanity"]:
-        for name, check in rep["sanity"]["checks"].items():
-            lines.append(f"  sanity {name:26s} {'pass' if check['passed'] else 'FAIL'}")
-        lines.append(
-            f"  verdict          {'SUSPECT (a sanity check failed)' if rep['suspect'] else 'all sanity checks passed'}"
-        )
-    lines.append(f"  report           {rep['report_dir']}")
-    return "\n".join(lines)

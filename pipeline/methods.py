@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attacks import get_attack
+from pipeline.attacks import ATTACKS
 from pipeline.attacks.pgd import _per_example_norm
 from pipeline.config import AttackConfig, MethodConfig
 from pipeline.schedules import step_size
@@ -42,24 +42,21 @@ def _generate(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The configured attack (or `name`, with a custom per-example `loss`) in the stated BN mode."""
+    spec = ATTACKS[name or attack.name]
+    options = {
+        "step_size": step_size(
+            eps, num_steps=attack.num_steps, factor=attack.step_size_factor, absolute=attack.step_size
+        ),
+        "num_steps": attack.num_steps,
+        "random_start": attack.random_start,
+        "num_restarts": attack.num_restarts,
+    }
+    # Each training attack takes only the options it has (DeepFool: its iteration count).
+    options = {key: value for key, value in options.items() if key in spec.training_options}
     extra = {} if loss is None else {"loss": loss}
     attack_model.train(attack_mode == "train")
     try:
-        return get_attack(name or attack.name)(
-            attack_model,
-            x,
-            y,
-            eps=eps,
-            step_size=step_size(
-                eps, num_steps=attack.num_steps, factor=attack.step_size_factor, absolute=attack.step_size
-            ),
-            num_steps=attack.num_steps,
-            norm=attack.norm,
-            random_start=attack.random_start,
-            num_restarts=attack.num_restarts,
-            generator=generator,
-            **extra,
-        )
+        return spec.fn(attack_model, x, y, eps=eps, norm=attack.norm, generator=generator, **options, **extra)
     finally:
         attack_model.train(True)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.attacks import get_attack
 from pipeline.attacks.losses import cw_margin
-from pipeline.evaluate import PROTOCOLS, ChunkResult
+from pipeline.evaluate import PROTOCOLS, ChunkResult, mcnemar_disagree, model_device
 
 SANITY_EXAMPLES = 200
 
@@ -55,12 +55,21 @@ class SanityInputs:
 SanityCheck = Callable[[SanityInputs], "dict[str, Any] | None"]
 
 
-def _accuracy_under(inputs: SanityInputs, attack: str, **kwargs) -> float:
+def _correct_under(inputs: SanityInputs, attack: str, **kwargs) -> torch.Tensor:
+    """bool (n,): still correctly classified under `attack` (randomness from a generator on x's device)."""
     model, x, y = inputs.model, inputs.x, inputs.y
-    generator = torch.Generator().manual_seed(inputs.seed)
+    generator = torch.Generator(device=x.device).manual_seed(inputs.seed)
     x_adv = get_attack(attack)(model, x, y, generator=generator, norm=inputs.norm, **kwargs)
     with torch.no_grad():
-        return float((model(x_adv).argmax(1) == y).float().mean())
+        return model(x_adv).argmax(1) == y
+
+
+def _accuracy_under(inputs: SanityInputs, attack: str, **kwargs) -> float:
+    return float(_correct_under(inputs, attack, **kwargs).float().mean())
+
+
+def _indices(fooled: torch.Tensor) -> list[int]:
+    return fooled.nonzero().squeeze(1).tolist()
 
 
 def large_eps(norm: str, shape: tuple[int, ...]) -> float:
@@ -74,18 +83,28 @@ def unbounded_eps(norm: str, shape: tuple[int, ...]) -> float:
 
 
 def monotone_in_eps(inputs: SanityInputs) -> dict[str, Any]:
-    """Accuracy falls as eps grows and reaches chance at a large eps."""
+    """Accuracy falls as eps grows and reaches chance at a large eps. What APGD-CE breaks at the threat
+    model's own eps counts in the reported worst case (`broken_at_eps`)."""
     big = large_eps(inputs.norm, inputs.shape)
     grid = sorted({round(inputs.eps * f, 6) for f in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)} | {big})
     with torch.no_grad():
         clean = float((inputs.model(inputs.x).argmax(1) == inputs.y).float().mean())
-    curve = [(e, _accuracy_under(inputs, "apgd_ce", eps=e, num_steps=50) if e > 0 else clean) for e in grid if e <= big]
+    curve, broken = [], []
+    for e in (e for e in grid if e <= big):
+        if e == 0:
+            curve.append((e, clean))
+            continue
+        correct = _correct_under(inputs, "apgd_ce", eps=e, num_steps=50)
+        curve.append((e, float(correct.float().mean())))
+        if e == round(inputs.eps, 6):
+            broken = _indices(~correct)
     rises = [(a, b) for (_, a), (_, b) in itertools.pairwise(curve) if b > a + 0.01]
     return {
         "curve": [{"eps": e, "accuracy": a} for e, a in curve],
         "largest_rise": max((b - a for a, b in rises), default=0.0),
         "accuracy_at_large_eps": curve[-1][1],
         "chance": inputs.chance,
+        "broken_at_eps": broken,
         "passed": not rises and curve[-1][1] <= inputs.chance + 0.02,
         "rule": "accuracy never rises by > 1 point as eps grows; at the large eps it is <= chance + 2 points",
     }
@@ -102,11 +121,13 @@ def unbounded_attack(inputs: SanityInputs) -> dict[str, Any]:
 
 
 def iterative_beats_fgsm(inputs: SanityInputs) -> dict[str, Any]:
-    """Iterative attacks are at least as strong as FGSM."""
-    fgsm_accuracy = _accuracy_under(inputs, "fgsm", eps=inputs.eps)
+    """Iterative attacks are at least as strong as FGSM (whose breaks count in the worst case too)."""
+    correct = _correct_under(inputs, "fgsm", eps=inputs.eps)
+    fgsm_accuracy = float(correct.float().mean())
     return {
         "fgsm_accuracy": fgsm_accuracy,
         "ensemble_accuracy": inputs.worst_case,
+        "broken_at_eps": _indices(~correct),
         "passed": inputs.worst_case <= fgsm_accuracy,
         "rule": "worst-case robust accuracy <= FGSM accuracy",
     }
@@ -116,9 +137,9 @@ def more_steps_restarts(inputs: SanityInputs) -> dict[str, Any]:
     """More steps and restarts barely change the number: stronger APGD-CE, then APGD-T on what is left."""
     model, eps, norm = inputs.model, inputs.eps, inputs.norm
     still = inputs.result.robust[: inputs.n].nonzero().squeeze(1)
-    newly = 0
+    newly, broken = 0, []
     if still.numel():
-        generator = torch.Generator().manual_seed(inputs.seed + 1)
+        generator = torch.Generator(device=inputs.x.device).manual_seed(inputs.seed + 1)
         xr, yr = inputs.x[still], inputs.y[still]
         stronger = get_attack("apgd_ce")(
             model, xr, yr, eps=eps, norm=norm, num_steps=200, num_restarts=3, generator=generator
@@ -133,8 +154,10 @@ def more_steps_restarts(inputs: SanityInputs) -> dict[str, Any]:
             with torch.no_grad():
                 fooled[rest] |= model(stronger_t).argmax(1) != yr[rest]
         newly = int(fooled.sum())
+        broken = still[fooled.cpu()].tolist()
     return {
         "extra_broken": newly,
+        "broken_at_eps": broken,
         "accuracy_change": newly / inputs.n,
         # Below 100 examples one example is more than a point: allow that single one.
         "passed": newly / inputs.n < 0.01 or newly <= 1,
@@ -173,6 +196,41 @@ def gradients_finite_nonzero(inputs: SanityInputs) -> dict[str, Any]:
     }
 
 
+def minimal_agrees_with_fixed_eps(inputs: SanityInputs) -> dict[str, Any] | None:
+    """`--protocol minimal`: the robust accuracy at eps read off the minimal-norm pass and the fixed-eps
+    cascade's are both upper bounds of the true one; a gap beyond sampling noise (McNemar on the paired
+    examples) means one family of attacks is weak on this model, or its gradients are masked."""
+    result = inputs.result
+    if result.min_norm is None:
+        return None
+    by_minimal, by_cascade = result.min_norm > inputs.eps, result.robust
+    return {
+        "accuracy_minimal_at_eps": float(by_minimal.float().mean()),
+        "accuracy_fixed_eps": float(by_cascade.float().mean()),
+        "only_minimal_broke": int((by_cascade & ~by_minimal).sum()),
+        "only_fixed_eps_broke": int((by_minimal & ~by_cascade).sum()),
+        "passed": not mcnemar_disagree(by_minimal, by_cascade),
+        "rule": "minimal-norm and fixed-eps robust accuracy at eps agree within sampling noise (McNemar, 95%)",
+    }
+
+
+def transfer_not_stronger(inputs: SanityInputs) -> dict[str, Any] | None:
+    """`--transfer-from`: examples crafted on another model must not fool this one more often than the
+    white-box attacks do; when they do, the white-box attacks are failing (masking)."""
+    result = inputs.result
+    if not result.transfer_correct:
+        return None
+    transfer = torch.stack(list(result.transfer_correct.values())).all(0)
+    white_box = float(result.robust.float().mean())
+    return {
+        "transfer_accuracy": float(transfer.float().mean()),
+        "white_box_accuracy": white_box,
+        "only_transfer_broke": int((result.robust & ~transfer).sum()),
+        "passed": float(transfer.float().mean()) >= white_box,
+        "rule": "robust accuracy under transferred examples >= the white-box cascade's",
+    }
+
+
 # The registry, in report order. A new check is a function here; the report, the tags and the
 # promotion gate read whatever this holds.
 SANITY_CHECKS: dict[str, SanityCheck] = {
@@ -184,6 +242,8 @@ SANITY_CHECKS: dict[str, SanityCheck] = {
         more_steps_restarts,
         black_box_not_stronger,
         gradients_finite_nonzero,
+        minimal_agrees_with_fixed_eps,
+        transfer_not_stronger,
     )
 }
 
@@ -200,12 +260,28 @@ def sanity_checks(
     protocol: str,
     seed: int,
 ) -> dict[str, Any]:
-    """Every check in SANITY_CHECKS on the first SANITY_EXAMPLES examples; `passed` is False (the model
-    is suspect) when any check fails."""
+    """Every check in SANITY_CHECKS on the first SANITY_EXAMPLES examples (on the model's device);
+    `passed` is False (the model is suspect) when any check fails. `broken_at_eps`: the examples the
+    checks' own attacks broke within the threat model, which the reported worst case counts."""
     n = min(SANITY_EXAMPLES, len(y))
-    ys = y[:n]
+    device = model_device(model, x.device)
+    xs, ys = x[:n].to(device), y[:n].to(device)
     chance = max(1.0 / num_classes, float(torch.bincount(ys, minlength=num_classes).max()) / n)
     attacks = [name for name, _ in PROTOCOLS[protocol]]
-    inputs = SanityInputs(model, x[:n], ys, norm, eps, seed, chance, result, attacks)
+    inputs = SanityInputs(model, xs, ys, norm, eps, seed, chance, result, attacks)
     checks = {name: outcome for name, check in SANITY_CHECKS.items() if (outcome := check(inputs)) is not None}
-    return {"num_examples": n, "checks": checks, "passed": all(c["passed"] for c in checks.values())}
+    broken = sorted({i for check in checks.values() for i in check.get("broken_at_eps", [])})
+    return {
+        "num_examples": n,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks.values()),
+        "broken_at_eps": broken,
+    }
+
+
+def extra_broken(sanity: dict[str, Any] | None, num_examples: int) -> torch.Tensor:
+    """bool (num_examples,): the examples a sanity check's attack broke within the threat model."""
+    mask = torch.zeros(num_examples, dtype=torch.bool)
+    if sanity:
+        mask[sanity.get("broken_at_eps", [])] = True
+    return mask

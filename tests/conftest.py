@@ -164,7 +164,7 @@ def ray_address(tmp_path_factory):
         subprocess.run(stop, capture_output=True, timeout=120)
 
 
-def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0):
+def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0, attack: dict | None = None):
     """A small_cnn trained on digits without Ray (the one `Trainer`, in this process): real models for
     attack/eval tests. The last epoch's weights; validation kept small, as only the weights are wanted."""
     from pipeline.config import config_from_dict
@@ -174,7 +174,7 @@ def train_in_process(digits_path, *, method: str, epochs: int, seed: int = 0):
         {
             "run": {"epochs": epochs, "seed": seed, "keep_best": False},
             "data": {"path": str(digits_path), "batch_size": 64},
-            "attack": {"eps": 0.2, "num_steps": 7},
+            "attack": {"eps": 0.2, "num_steps": 7, **(attack or {})},
             # The guard's probe would be 32 examples here: too few to judge a collapse by.
             "method": {"name": method, "co_guard": False},
             "schedule": {"eps_ramp": "linear", "eps_ramp_epochs": 5},

@@ -15,6 +15,15 @@ never changed; randomness from `generator` when given.
 | apgd_dlr   | Croce & Hein 2020                      | Auto-PGD, DLR loss                  |        |
 | apgd_t     | Croce & Hein 2020                      | targeted DLR over the top-k classes |        |
 | square     | Andriushchenko et al. 2020             | score-based black-box (Linf, L2)    |        |
+| mi_fgsm    | Dong et al. 2018                       | momentum iterative FGSM (transfer)  |        |
+| deepfool   | Moosavi-Dezfooli et al. 2016           | minimal norm, linearised boundary   | yes    |
+| fab_t      | Croce & Hein 2020 (FAB)                | minimal norm, targeted (AutoAttack) |        |
+| cw_l2      | Carlini & Wagner 2017                  | minimal L2, tanh space, binary c    |        |
+| fmn        | Pintor et al. 2021                     | fast minimum norm (Linf, L2)        |        |
+
+Minimal-norm attacks (deepfool, fab_t, cw_l2, fmn) search for the smallest perturbation that changes the prediction:
+with eps=math.inf they return it unbounded, with a finite eps its projection onto the ball
+(pipeline/attacks/minimal.py).
 """
 
 from __future__ import annotations
@@ -23,28 +32,43 @@ from dataclasses import dataclass
 from functools import partial
 
 from pipeline.attacks.apgd import apgd, apgd_targeted
+from pipeline.attacks.cw import cw_l2
+from pipeline.attacks.deepfool import deepfool
+from pipeline.attacks.fab import fab
+from pipeline.attacks.fmn import fmn
+from pipeline.attacks.momentum import mi_fgsm
 from pipeline.attacks.pgd import Attack, Norm, fgsm, pgd
 from pipeline.attacks.square import square
 
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One registered attack. `trains`: the training attack config (`attack.name`) may name it; those
-    take the config's step_size, num_steps, random_start and num_restarts (APGD and Square set their
-    own step schedules and are evaluation attacks)."""
+    """One registered attack. `trains`: the training attack config (`attack.name`) may name it;
+    `training_options`: which of the config's step_size, num_steps, random_start and num_restarts it
+    takes (APGD and Square set their own step schedules and are evaluation attacks)."""
 
     fn: Attack
     trains: bool = False
+    training_options: tuple[str, ...] = ()
+
+
+PGD_OPTIONS = ("step_size", "num_steps", "random_start", "num_restarts")
 
 
 ATTACKS: dict[str, AttackSpec] = {
-    "fgsm": AttackSpec(fgsm, trains=True),
-    "pgd": AttackSpec(pgd, trains=True),
+    "fgsm": AttackSpec(fgsm, trains=True, training_options=PGD_OPTIONS),
+    "pgd": AttackSpec(pgd, trains=True, training_options=PGD_OPTIONS),
     "pgd_cw": AttackSpec(partial(pgd, loss="cw")),
     "apgd_ce": AttackSpec(partial(apgd, loss="ce")),
     "apgd_dlr": AttackSpec(partial(apgd, loss="dlr")),
     "apgd_t": AttackSpec(apgd_targeted),
     "square": AttackSpec(square),
+    "mi_fgsm": AttackSpec(mi_fgsm),
+    # DeepFool as a training attack: its iterations come from attack.num_steps, clipped to the eps-ball.
+    "deepfool": AttackSpec(deepfool, trains=True, training_options=("num_steps",)),
+    "fab_t": AttackSpec(fab),
+    "cw_l2": AttackSpec(cw_l2),
+    "fmn": AttackSpec(fmn),
 }
 TRAINING_ATTACKS = tuple(name for name, spec in ATTACKS.items() if spec.trains)
 
@@ -64,8 +88,13 @@ __all__ = [
     "Norm",
     "apgd",
     "apgd_targeted",
+    "cw_l2",
+    "deepfool",
+    "fab",
     "fgsm",
+    "fmn",
     "get_attack",
+    "mi_fgsm",
     "pgd",
     "square",
 ]

@@ -160,11 +160,18 @@ def evaluate(
     num_examples: Annotated[int, typer.Option(help="First N examples of the split (0 = all).")] = 1000,
     protocol: Annotated[
         Protocol,
-        typer.Option(help="fast (APGD-CE + APGD-T/3), standard (AutoAttack-style ensemble + sanity checks), pgd."),
+        typer.Option(
+            help="fast (APGD-CE + APGD-T/3), standard (AutoAttack's: APGD-CE, APGD-T, FAB-T, Square + sanity checks), "
+            "pgd, minimal (standard + each example's smallest perturbation by DeepFool, FMN, FAB-T and, for l2, C&W)."
+        ),
     ] = Protocol.standard,
     seed: Annotated[int, typer.Option(min=0, max=2**31 - 1, help="Seed of the attacks' random starts.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/<model>-<protocol>-...).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster (else RAY_ADDRESS, else local).")] = None,
+    transfer_from: Annotated[
+        str | None,
+        typer.Option(help="A surrogate model URI: its PGD and MI-FGSM examples at the same eps, scored on --model."),
+    ] = None,
 ) -> None:
     """Robust accuracy under an attack ensemble, sharded over Ray, with sanity checks and a report.
 
@@ -172,7 +179,7 @@ def evaluate(
     `advtrain evaluate --model mynets.cnn:build --weights cnn.safetensors --data data/mine --norm linf --eps 0.1`.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from pipeline.evaluate import summary_text
+    from pipeline.evaluation_report import summary_text
     from pipeline.orchestrate.evaluation import run_evaluation
 
     rep = run_evaluation(
@@ -188,5 +195,6 @@ def evaluate(
         ray_address=ray_address,
         weights=str(weights) if weights else None,
         overrides=overrides or [],
+        transfer_from=transfer_from,
     )
     typer.echo(summary_text(model, rep))

@@ -18,8 +18,9 @@ class AttackConfig(_Component):
         default="pgd",
         description="A training attack (pipeline.attacks, those marked trains): pgd (Madry et al. 2018, "
         "arXiv:1706.06083) or fgsm (Goodfellow et al. 2015, arXiv:1412.6572; with random_start, the FGSM-RS of "
-        "Wong et al. 2020). fgsm takes num_steps = 1 and num_restarts = 1; method fgsm_rs needs fgsm; trades "
-        "always runs PGD on its KL loss.",
+        "Wong et al. 2020), or deepfool (Moosavi-Dezfooli et al. 2016, arXiv:1511.04599: num_steps iterations, "
+        "overshoot 0.02, clipped to the eps-ball; no step size, random start or restarts). fgsm takes num_steps = 1 "
+        "and num_restarts = 1; method fgsm_rs needs fgsm; trades always runs PGD on its KL loss.",
     )
     norm: Literal["linf", "l2"] = Field(
         default="linf",
@@ -79,6 +80,25 @@ class AttackConfig(_Component):
         # Pixels live in [0,1]: an Linf ball of radius 1 already holds every image, so more is a typo.
         if self.norm == "linf" and self.eps > 1.0:
             raise ValueError(f"attack.eps {self.eps} with norm linf: pixels are in [0,1], so use eps <= 1 (e.g. 8/255)")
+        return self
+
+    @model_validator(mode="after")
+    def _options_it_takes(self) -> AttackConfig:
+        # A key set for an attack that has no such option would be silently ignored: refuse it instead.
+        from pipeline.attacks import ATTACKS
+
+        takes = ATTACKS[self.name].training_options
+        option = {"step_size_factor": "step_size", "step_size": "step_size"}
+        unused = sorted(
+            key
+            for key in self.model_fields_set & {"step_size_factor", "step_size", "random_start", "num_restarts"}
+            if option.get(key, key) not in takes
+        )
+        if unused:
+            keys = ", ".join(f"attack.{key}" for key in unused)
+            raise ValueError(
+                f"attack.name = '{self.name}' does not take {keys}: remove them (it uses {', '.join(takes)})"
+            )
         return self
 
 

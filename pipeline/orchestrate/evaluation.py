@@ -21,22 +21,15 @@ import ray
 import torch
 
 from pipeline import data as data_lib
+from pipeline.card import write_card
 from pipeline.errors import InputError
-from pipeline.evaluate import (
-    PROTOCOLS,
-    ChunkResult,
-    evaluate_chunk,
-    merge,
-    per_example,
-    plot_curve,
-    plot_examples,
-    report,
-)
+from pipeline.evaluate import PROTOCOLS, ChunkResult, evaluate_chunk, merge, per_example
+from pipeline.evaluation_report import plot_curve, plot_examples, plot_minimal_curve, report
 from pipeline.models import build_model, is_import_path
 from pipeline.models.user import pack_code, unpack_code
 from pipeline.orchestrate.cluster import init_ray
 from pipeline.orchestrate.model_setup import external_model
-from pipeline.sanity import sanity_checks
+from pipeline.sanity import extra_broken, sanity_checks
 from pipeline.tracking import model_store
 from pipeline.tracking import runs as tracking
 
@@ -53,9 +46,12 @@ def _rebuild(arch: dict[str, Any], state: dict[str, torch.Tensor], code: dict | 
 
 
 @ray.remote(num_cpus=1)
-def _chunk_task(model_ref, x, y, *, start, norm, eps, protocol, seed) -> ChunkResult:
+def _chunk_task(model_ref, x, y, *, start, norm, eps, protocol, seed, surrogate_ref=None) -> ChunkResult:
     model = _rebuild(*model_ref)
-    return evaluate_chunk(model, x, y, start=start, norm=norm, eps=eps, protocol=protocol, seed=seed)
+    surrogate = _rebuild(*surrogate_ref) if surrogate_ref is not None else None
+    return evaluate_chunk(
+        model, x, y, start=start, norm=norm, eps=eps, protocol=protocol, seed=seed, surrogate=surrogate
+    )
 
 
 @ray.remote(num_cpus=1)
@@ -123,38 +119,95 @@ def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, **att
 def _write_report(rep: dict[str, Any], result: ChunkResult, sanity, x, y, info, out: Path, *, norm, eps) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "per_example.json").write_text(json.dumps(per_example(result)) + "\n")
+    rows = per_example(result, eps=eps, extra_broken=extra_broken(sanity, len(y)))
+    (out / "per_example.json").write_text(json.dumps(rows) + "\n")
     if sanity:
         plot_curve(sanity, out / "accuracy_vs_eps.png", norm=norm, eps=eps)
+    if rep.get("minimal"):
+        plot_minimal_curve(rep, out / "minimal_curve.png")
     plot_examples(x, y, result, list(info.class_names), out / "examples.png")
     rep["report_dir"] = str(out.resolve())
 
 
+def _version_tags(resolved, rep: dict[str, Any], *, label: str, split: str, attack: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's summary as model version tags, which promotion reads (with the weights' sha256, so
+    the evidence is bound to these weights). eval.robust_acc is the worst case; eval.sanity its verdict."""
+    sanity = rep.get("sanity")
+    return {
+        "eval.robust_acc": rep["robust_accuracy"],
+        "eval.robust_acc_protocol": rep["robust_accuracy_protocol"],
+        "eval.clean_acc": rep["clean_accuracy"],
+        "eval.protocol": attack["protocol"],
+        "eval.norm": attack["norm"],
+        "eval.eps": attack["eps"],
+        "eval.num_examples": rep["protocol"]["num_examples"],
+        "eval.split": split,
+        "eval.sanity": "skipped" if sanity is None else ("passed" if sanity["passed"] else "failed"),
+        "eval.weights_sha256": resolved.weights_sha256,
+        "eval.report": f"runs:/{resolved.run_id}/evaluation/{label}/report.json",
+        **({"eval.min_norm_median": rep["minimal"]["median_norm"]} if rep.get("minimal") else {}),
+        **({"eval.transfer_acc": rep["transfer"]["accuracy"]} if rep.get("transfer") else {}),
+    }
+
+
+def _versions_for_card(resolved) -> list[dict[str, Any]] | None:
+    """Clean vs robust of every version of the registered model (this one marked current)."""
+    if not (resolved.name and resolved.version):
+        return None
+    from pipeline.tracking.registry import list_versions
+
+    def number(value):
+        return float(value) if value not in (None, "") else None
+
+    verdicts = {"passed": "passed", "failed": "suspect", "skipped": "unchecked"}
+    return [
+        {
+            "version": row["version"],
+            "aliases": row["aliases"],
+            "clean_acc": number(row["eval.clean_acc"] or row["test_clean_acc"]),
+            "robust_acc": number(row["eval.robust_acc"]),
+            "verdict": verdicts.get(row["eval.sanity"] or ""),
+            "protocol": row["eval.protocol"],
+            "eps": number(row["eval.eps"]),
+            "current": row["version"] == str(resolved.version),
+        }
+        for row in list_versions(resolved.name, tracking_uri=resolved.tracking_uri)
+    ]
+
+
 def _log_evidence(resolved, rep: dict[str, Any], out: Path, *, label: str, split: str, attack: dict[str, Any]) -> None:
-    """The report as artifacts of the model's run, and its summary as tags of the model version, which
-    promotion reads (with the weights' sha256, so the evidence is bound to these weights)."""
+    """Tags on the model version, then the model card (it lists every version's tags), then the report
+    folder as artifacts of the model's run."""
+    if resolved.name and resolved.version:
+        tags = _version_tags(resolved, rep, label=label, split=split, attack=attack)
+        tracking.set_version_tags(resolved.tracking_uri, resolved.name, resolved.version, tags)
+    write_card(out, rep, versions=_versions_for_card(resolved))
     if resolved.run_id:
         tracking.log_artifacts(resolved.tracking_uri, resolved.run_id, out, f"evaluation/{label}")
-    if not (resolved.name and resolved.version):
-        return
-    sanity = rep.get("sanity")
-    tracking.set_version_tags(
-        resolved.tracking_uri,
-        resolved.name,
-        resolved.version,
-        {
-            "eval.robust_acc": rep["robust_accuracy"],
-            "eval.clean_acc": rep["clean_accuracy"],
-            "eval.protocol": attack["protocol"],
-            "eval.norm": attack["norm"],
-            "eval.eps": attack["eps"],
-            "eval.num_examples": rep["protocol"]["num_examples"],
-            "eval.split": split,
-            "eval.sanity": "skipped" if sanity is None else ("passed" if sanity["passed"] else "failed"),
-            "eval.weights_sha256": resolved.weights_sha256,
-            "eval.report": f"runs:/{resolved.run_id}/evaluation/{label}/report.json",
-        },
-    )
+
+
+def _check_data_fits(data_path: str, info, architecture: dict[str, Any], *, what: str) -> None:
+    if list(info.shape) != list(architecture["shape"]):
+        raise InputError(f"{data_path}: images {info.shape} but {what} expects {architecture['shape']}")
+    if info.num_classes != architecture["num_classes"]:
+        raise InputError(
+            f"{data_path}: {info.num_classes} classes but {what} predicts {architecture['num_classes']}; "
+            "evaluate on the dataset it was trained for (--data)"
+        )
+
+
+def _model_ref(resolved: model_store.ResolvedModel):
+    code = pack_code(resolved.code) if resolved.code is not None else None
+    return ray.put((resolved.architecture, resolved.model.state_dict(), code))
+
+
+def _surrogate(transfer_from: str | None, data_path: str, info, tracking_uri: str | None):
+    """The surrogate model of `--transfer-from`, checked against the data before anything starts."""
+    if transfer_from is None:
+        return None
+    surrogate = model_store.resolve_model(transfer_from, tracking_uri=tracking_uri)
+    _check_data_fits(data_path, info, surrogate.architecture, what=f"the surrogate --transfer-from {transfer_from}")
+    return surrogate
 
 
 def run_evaluation(
@@ -175,13 +228,16 @@ def run_evaluation(
     ray_address: str | None = None,
     weights: str | None = None,
     overrides: list[str] | None = None,
+    transfer_from: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the Ray cluster at `ray_address` (else the connected one, RAY_ADDRESS or a local
-    instance, started once the model and data are checked); returns the report (also in `out_dir`).
+    instance, started once the model and data are checked); returns the report (also in `out_dir`, with
+    the model card `card.html`).
 
     `model_uri` is a model URI or folder, or, with `weights` (a .safetensors file), a built-in name or the
     user's package.module:function (`overrides`: model.* keys such as model.kwargs.depth=3) evaluated on
-    `data_path`: a model advtrain never trained."""
+    `data_path`: a model advtrain never trained. `transfer_from`: a surrogate model URI whose PGD and
+    MI-FGSM examples are scored on this model too (sanity runs for standard and minimal by default)."""
     started = time.perf_counter()
     check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out_dir, protocol=protocol)
     resolved = _resolved(
@@ -193,22 +249,19 @@ def run_evaluation(
         raise InputError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
     norm, eps = _threat_model(params, norm, eps)
     info = data_lib.read_metadata(data_path)
-    if list(info.shape) != list(resolved.architecture["shape"]):
-        raise InputError(f"{data_path}: images {info.shape} but the model expects {resolved.architecture['shape']}")
-    if info.num_classes != resolved.architecture["num_classes"]:
-        raise InputError(
-            f"{data_path}: {info.num_classes} classes but the model predicts {resolved.architecture['num_classes']}; "
-            "evaluate on the dataset it was trained for (--data)"
-        )
+    _check_data_fits(data_path, info, resolved.architecture, what="the model")
+    surrogate = _surrogate(transfer_from, data_path, info, tracking_uri or resolved.tracking_uri)
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
     init_ray(ray_address)  # only now: every input above is checked without starting anything
 
-    code = pack_code(resolved.code) if resolved.code is not None else None
-    model_ref = ray.put((resolved.architecture, resolved.model.state_dict(), code))
+    model_ref = _model_ref(resolved)
+    surrogate_ref = _model_ref(surrogate) if surrogate is not None else None
     attack = {"norm": norm, "eps": eps, "protocol": protocol, "seed": seed}
-    result = _evaluate_sharded(model_ref, x, y, chunk_size=chunk_size, progress=progress, **attack)
+    result = _evaluate_sharded(
+        model_ref, x, y, chunk_size=chunk_size, progress=progress, surrogate_ref=surrogate_ref, **attack
+    )
     sanity = None
-    if protocol == "standard" if run_sanity is None else run_sanity:
+    if protocol in ("standard", "minimal") if run_sanity is None else run_sanity:
         sanity = ray.get(_sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
     model_info = {
         "uri": model_uri,
@@ -220,8 +273,16 @@ def run_evaluation(
     }
     data_info = {"path": str(data_path), "split": split, "source": info.source}
     seconds = time.perf_counter() - started
-    rep = report(result, sanity=sanity, model_info=model_info, data_info=data_info, seconds=seconds, **attack)
-    label = f"{protocol}-{norm}-eps{eps:g}"
+    rep = report(
+        result,
+        sanity=sanity,
+        model_info=model_info,
+        data_info=data_info,
+        seconds=seconds,
+        surrogate=transfer_from,
+        **attack,
+    )
+    label = f"{protocol}-{norm}-eps{eps:g}" + ("-transfer" if transfer_from else "")
     out = Path(out_dir or Path("reports") / f"{resolved.name or 'model'}-v{resolved.version or 'local'}-{label}")
     _write_report(rep, result, sanity, x, y, info, out, norm=norm, eps=eps)
     _log_evidence(resolved, rep, out, label=label, split=split, attack=attack)

@@ -1,5 +1,7 @@
 """Attack contracts: eps-ball, [0,1], loss goes up, no parameter gradients, mode unchanged, strength."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,26 @@ ATTACK_CALLS = {
     "pgd_restarts": lambda m, x, y, eps, norm: pgd(
         m, x, y, eps=eps, step_size=eps / 4, num_steps=5, norm=norm, num_restarts=3
     ),
+    "mi_fgsm": lambda m, x, y, eps, norm: get_attack("mi_fgsm")(m, x, y, eps=eps, norm=norm),
+    "deepfool": lambda m, x, y, eps, norm: get_attack("deepfool")(m, x, y, eps=eps, norm=norm, num_steps=20),
+    "fab_t": lambda m, x, y, eps, norm: get_attack("fab_t")(
+        m, x, y, eps=eps, norm=norm, num_steps=20, num_target_classes=3
+    ),
+    "cw_l2": lambda m, x, y, eps, norm: get_attack("cw_l2")(
+        m, x, y, eps=eps, norm=norm, num_steps=100, binary_search_steps=3, initial_const=1.0
+    ),
+    "fmn": lambda m, x, y, eps, norm: get_attack("fmn")(m, x, y, eps=eps, norm=norm, num_steps=50),
 }
+L2_ONLY = {"cw_l2"}
+CONTRACT_CASES = [
+    (name, norm, eps)
+    for name in ATTACK_CALLS
+    for norm, eps in [("linf", 0.2), ("l2", 1.0)]
+    if not (norm == "linf" and name in L2_ONLY)
+]
 
 
-@pytest.mark.parametrize("name", list(ATTACK_CALLS))
-@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.2), ("l2", 1.0)])
+@pytest.mark.parametrize(("name", "norm", "eps"), CONTRACT_CASES)
 def test_stays_in_ball_and_box_and_raises_loss(name, norm, eps, batch, undefended):
     x, y = batch
     x_adv = ATTACK_CALLS[name](undefended, x, y, eps, norm)
@@ -76,6 +93,11 @@ def test_no_parameter_gradients_and_mode_unchanged(mode, batch):
     get_attack("apgd_ce")(model, x, y, eps=0.1, num_steps=5)
     get_attack("apgd_t")(model, x, y, eps=0.1, num_steps=5, num_target_classes=2)
     get_attack("square")(model, x, y, eps=0.1, num_queries=20)
+    get_attack("mi_fgsm")(model, x, y, eps=0.1, num_steps=3)
+    get_attack("deepfool")(model, x, y, eps=math.inf, num_steps=3)
+    get_attack("fab_t")(model, x, y, eps=0.1, num_steps=3, num_target_classes=2)
+    get_attack("cw_l2")(model, x, y, eps=math.inf, norm="l2", num_steps=5, binary_search_steps=2)
+    get_attack("fmn")(model, x, y, eps=math.inf, num_steps=5)
     assert all(p.grad is None for p in model.parameters())
     assert model.training == (mode == "train")
     assert all(m.training == (mode == "train") for m in model.modules())
@@ -183,10 +205,57 @@ def test_every_attack_refuses_a_misspelt_option(name, batch):
     model = _tiny_model()
     x, y = batch
     with pytest.raises(TypeError, match="num_stpes"):
-        get_attack(name)(model, x[:4], y[:4], eps=0.1, norm="linf", num_stpes=3)
+        get_attack(name)(model, x[:4], y[:4], eps=0.1, norm="l2" if name in L2_ONLY else "linf", num_stpes=3)
 
 
 def test_fgsm_refuses_several_steps(batch):
     x, y = batch
     with pytest.raises(ValueError, match=r"attack\.num_steps = 1"):
         fgsm(_tiny_model(), x[:4], y[:4], eps=0.1, num_steps=3)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_deepfool_finds_the_boundary_of_a_linear_model(norm):
+    """On an affine multi-class model DeepFool's linearisation is exact: one step (plus the overshoot)
+    crosses the nearest boundary, at the analytic distance min_k |f_k - f_y| / ||w_k - w_y||_dual
+    (q = 2 for L2, q = 1 for Linf)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    x = 0.5 + 0.01 * torch.randn(32, 1, 4, 4)  # near the middle of the box: the box does not bind
+    with torch.no_grad():
+        logits = linear(x)
+    y = logits.argmax(1)
+    w = linear[1].weight
+    differences = logits - logits.gather(1, y[:, None])  # f_k - f_y, (N, K)
+    dual = (w[None, :, :] - w[y][:, None, :]).norm(p=2 if norm == "l2" else 1, dim=2)
+    distance = (differences.abs() / dual).masked_fill(torch.nn.functional.one_hot(y, 4).bool(), math.inf)
+    nearest = distance.argmin(1, keepdim=True)
+    # The paper's step adds 1e-4 to |f| (to land past the boundary), then the overshoot scales it.
+    analytic = (differences.abs().gather(1, nearest) + 1e-4).squeeze(1) / dual.gather(1, nearest).squeeze(1)
+    x_adv = get_attack("deepfool")(linear, x, y, eps=math.inf, norm=norm, overshoot=0.02)
+    with torch.no_grad():
+        assert (linear(x_adv).argmax(1) != y).all()
+    size = (x_adv - x).flatten(1).norm(dim=1) if norm == "l2" else (x_adv - x).flatten(1).abs().amax(1)
+    assert torch.allclose(size, analytic.detach() * 1.02, rtol=1e-3, atol=1e-6)
+
+
+def test_deepfool_is_smaller_than_a_fixed_eps_attack_needs(batch, undefended):
+    """DeepFool's perturbations are near-minimal: its median L2 norm on digits is well below the
+    radius at which PGD breaks the same examples, and every example it returns changed class."""
+    x, y = batch
+    x_adv = get_attack("deepfool")(undefended, x, y, eps=math.inf, norm="l2")
+    with torch.no_grad():
+        correct = undefended(x).argmax(1) == y
+        fooled = undefended(x_adv).argmax(1) != y
+    assert fooled[correct].float().mean() > 0.95
+    sizes = (x_adv - x).flatten(1).norm(dim=1)[correct & fooled]
+    assert sizes.median() < 1.0 and torch.equal(x_adv[~correct], x[~correct])
+
+
+def test_mi_fgsm_transfers_at_least_like_fgsm(batch, undefended):
+    """Momentum makes a stronger iterative attack than one FGSM step on the model it is crafted on."""
+    x, y = batch
+    with torch.no_grad():
+        acc_fgsm = (undefended(fgsm(undefended, x, y, eps=0.1)).argmax(1) == y).float().mean()
+        acc_mi = (undefended(get_attack("mi_fgsm")(undefended, x, y, eps=0.1)).argmax(1) == y).float().mean()
+    assert acc_mi <= acc_fgsm

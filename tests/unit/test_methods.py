@@ -249,3 +249,25 @@ def test_catastrophic_overfitting_rule_and_fallback():
     name, after = fallback_training("mart", pgd3, min_steps=2)
     assert (name, after.num_steps, after.step_size_factor, after.random_start) == ("mart", 6, 2.5, True)
     assert fallback_training("trades", pgd3, min_steps=8)[1].num_steps == 8
+
+
+def test_deepfool_trains_a_model_more_robust_than_standard_training(digits_path, undefended):
+    """DeepFool as the training attack (`attack.name = "deepfool"`, clipped to the eps-ball): the seed's
+    "efficient alternative for generating training examples". It must beat standard training under PGD."""
+    from conftest import train_in_process
+
+    from pipeline.attacks import pgd
+    from pipeline.data import load_split
+
+    model, _ = train_in_process(digits_path, method="pgd_at", epochs=6, attack={"name": "deepfool", "num_steps": 5})
+    x, y = load_split(digits_path, "test", max_examples=300)
+    accuracy = {}
+    for name, net in (("deepfool_at", model), ("standard", undefended)):
+        x_adv = pgd(net, x, y, eps=0.1, step_size=0.025, num_steps=10, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            accuracy[name] = (
+                float((net(x).argmax(1) == y).float().mean()),
+                float((net(x_adv).argmax(1) == y).float().mean()),
+            )
+    assert accuracy["deepfool_at"][0] > 0.85, accuracy
+    assert accuracy["deepfool_at"][1] > accuracy["standard"][1] + 0.1, accuracy
