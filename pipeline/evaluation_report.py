@@ -84,7 +84,6 @@ def report(
     minimal-norm attacks within eps, transferred examples, the sanity checks' attacks); the cascade's own
     number is `robust_accuracy_protocol`, and `broken_by_extra` says what the rest added."""
     n = len(result.clean_correct)
-    names = [name for name, _ in PROTOCOLS[protocol]]
     broken_by_sanity = extra_broken(sanity, n)
     robust_mask = worst_case(result, eps=eps, extra_broken=broken_by_sanity)
     robust, clean = int(robust_mask.sum()), int(result.clean_correct.sum())
@@ -99,7 +98,7 @@ def report(
         "verdict": verdict(sanity),
         "robust_accuracy_protocol": float(result.robust.float().mean()),
         "broken_by_extra": _extra_counts(result, eps=eps, broken_by_sanity=broken_by_sanity),
-        "accuracy_after_each_attack": {name: float(result.robust_after[name].float().mean()) for name in names},
+        "accuracy_after_each_attack": {name: float(after.float().mean()) for name, after in result.robust_after.items()},
         "minimal": _minimal_summary(result, norm=norm, eps=eps),
         "transfer": _transfer_summary(result, surrogate),
         "sanity": sanity,

@@ -20,12 +20,20 @@ warm-start it as in those implementations: `binary_search_steps` bisections alon
 x -> starting point (L2: interpolation; Linf: clipping delta to t) find the boundary first; it is
 ignored without starting points.
 
+One deviation, `box_aware=True` (the default): gradient components that would push a pixel already at
+0 or 1 out of the box are zeroed before the step and before the boundary-distance estimate. Without it
+(`box_aware=False`, which matches adversarial-library's `fmn` on our digits model to the same found
+counts and medians) the "none found yet" rule can settle on a fixed point with a positive margin: the
+box clips part of every step, so ||delta|| stays below eps_k by exactly |L| / ||grad||. On the
+undefended digits model that left 18 of 32 examples without any L2 adversarial at 50 to 1000 steps;
+box-aware, all 32 were found, with the median L2 norm of C&W-1000 on the same examples (0.435).
+
 Defaults: alpha_init 1.0, alpha_final alpha_init / 100, gamma_init 0.05, gamma_final 0.001,
 binary_search_steps 10, as in all three implementations above. Their step counts differ: the authors'
-`FMNAttackLp` and adversarial-library default to 10 steps, their demo notebooks run 50 and 100,
+`FMNAttackLp` and adversarial-library default to 10 steps, the authors' demo notebooks run 50 and 100,
 foolbox 3.3.4 defaults to steps=100. num_steps=1000 here: an evaluation attack should converge, and
-1000 steps cost one forward and backward pass each, like PGD-1000. (foolbox 3.3.4's
-`L2FMNAttack.project` scales by min(1, norms / norms) = 1, so its L2 variant never projects onto eps_k.)
+each step costs one forward and backward pass, like PGD. (foolbox 3.3.4's `L2FMNAttack.project` scales
+by min(1, norms / norms) = 1, so its L2 variant never projects onto eps_k.)
 """
 
 from __future__ import annotations
@@ -152,7 +160,7 @@ def fmn(
     smallest adversarial found per example (x where none was found or x is already misclassified);
     finite eps: that, projected onto the eps-ball and [0,1]. Deterministic: `generator` is taken only
     for the shared signature. Gradients w.r.t. the input only; the model's mode and parameters are
-    untouched."""
+    untouched. `box_aware=False` runs the authors' rule unchanged (see the module docstring)."""
     check_norm("fmn", norm)
     if not eps >= 0:
         raise ValueError(f"fmn needs eps >= 0 (math.inf for the unbounded minimal adversarial), got {eps}")

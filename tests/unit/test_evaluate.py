@@ -1,9 +1,24 @@
 """Evaluation on real (small) models without Ray: ensemble strength, merging, intervals."""
 
+import itertools
+import math
+
+import pytest
 import torch
 
 from pipeline.data import load_split
-from pipeline.evaluate import evaluate_chunk, evaluate_examples, merge, per_example, wilson_interval
+from pipeline.evaluate import (
+    ChunkResult,
+    evaluate_chunk,
+    evaluate_examples,
+    mcnemar_disagree,
+    merge,
+    per_example,
+    wilson_interval,
+    worst_case,
+)
+from pipeline.evaluation_report import report
+from pipeline.sanity import SanityInputs, extra_broken, transfer_not_stronger
 
 
 def test_standard_ensemble_breaks_undefended_model(digits_path, undefended):
@@ -63,3 +78,89 @@ def test_targeted_apgd_runs_on_two_and_three_class_tasks(digits_path, undefended
         clean = result.clean_correct.float().mean()
         assert clean > 0.85
         assert result.robust_after["apgd_t"].float().mean() < 0.5 * clean, classes
+
+
+def _result(robust_after, *, clean, min_norms=None, transfer=None):
+    n = len(clean)
+    return ChunkResult(
+        start=0,
+        clean_correct=torch.tensor(clean),
+        robust_after={k: torch.tensor(v) for k, v in robust_after.items()},
+        predicted_adv=torch.zeros(n, dtype=torch.long),
+        min_norms={k: torch.tensor(v) for k, v in (min_norms or {}).items()},
+        transfer_correct={k: torch.tensor(v) for k, v in (transfer or {}).items()},
+    )
+
+
+def test_worst_case_counts_every_attack_that_ran():
+    """An example broken by anything the evaluation ran is broken: the cascade, a minimal-norm adversarial
+    within eps, a transferred example, or a sanity check's stronger attack. Each source is reported."""
+    inf = math.inf
+    result = _result(
+        {"apgd_ce": [True, True, True, True, True, False], "square": [True, True, True, True, False, False]},
+        clean=[True, True, True, True, True, False],
+        min_norms={"deepfool": [0.5, 0.05, inf, 0.3, 0.02, 0.0], "fmn": [0.4, 0.2, 0.3, 0.25, 0.01, 0.0]},
+        transfer={"pgd": [True, True, False, True, False, False]},
+    )
+    sanity = {"passed": True, "checks": {}, "broken_at_eps": [3]}
+    robust = worst_case(result, eps=0.1, extra_broken=extra_broken(sanity, 6))
+    # 0: robust to all; 1: DeepFool at 0.05 <= 0.1; 2: transfer; 3: sanity; 4: square; 5: clean-wrong.
+    assert robust.tolist() == [True, False, False, False, False, False]
+    rows = per_example(result, eps=0.1, extra_broken=extra_broken(sanity, 6))
+    assert rows["broken_by"] == [None, "minimal", "transfer.pgd", "sanity", "square", None]
+    assert rows["min_norm"] == pytest.approx([0.4, 0.05, 0.3, 0.25, 0.01, 0.0])
+    rep = report(
+        result,
+        sanity=sanity,
+        protocol="standard",
+        norm="linf",
+        eps=0.1,
+        seed=0,
+        model_info={},
+        data_info={},
+        seconds=1.0,
+        surrogate="models:/other/1",
+    )
+    assert rep["robust_accuracy"] == pytest.approx(1 / 6) and rep["robust_accuracy_protocol"] == pytest.approx(4 / 6)
+    assert rep["broken_by_extra"] == {"minimal": 1, "transfer": 1, "sanity": 1}
+    assert rep["verdict"] == "passed" and rep["transfer"]["accuracy"] == pytest.approx(3 / 6)
+    curve = rep["minimal"]["curve"]
+    assert curve[0] == {"eps": 0.0, "accuracy": pytest.approx(5 / 6)}  # eps 0: the clean accuracy
+    assert all(a["accuracy"] >= b["accuracy"] for a, b in itertools.pairwise(curve))
+    # The median over the clean-correct examples of each one's best (smallest) perturbation.
+    assert rep["minimal"]["median_norm"] == pytest.approx(0.25)
+
+
+def test_mcnemar_flags_only_more_than_sampling_noise():
+    a = torch.tensor([True] * 50 + [False] * 50)
+    assert not mcnemar_disagree(a, a.clone())
+    one_off = a.clone()
+    one_off[0] = False
+    assert not mcnemar_disagree(a, one_off)
+    assert mcnemar_disagree(a, torch.zeros(100, dtype=torch.bool))
+
+
+def test_transfer_from_an_undefended_surrogate_exposes_masked_gradients(digits_path, undefended):
+    """A model whose input gradients are zero (rounding its input) looks robust to white-box attacks; examples
+    crafted on an ordinary surrogate still fool it. The transfer sanity check flags exactly that, and the
+    reported worst case counts the transferred breaks."""
+
+    class Rounded(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(torch.round(x * 16) / 16)  # zero gradient almost everywhere
+
+    masked = Rounded(undefended).eval()
+    x, y = load_split(digits_path, "test", max_examples=64)
+    result = evaluate_examples(
+        masked, x, y, norm="linf", eps=0.2, protocol="fast", seed=0, chunk_size=64, surrogate=undefended
+    )
+    white_box = float(result.robust.float().mean())
+    transfer = float(torch.stack(list(result.transfer_correct.values())).all(0).float().mean())
+    assert transfer < white_box - 0.2, (transfer, white_box)
+    inputs = SanityInputs(masked, x, y, "linf", 0.2, 0, 0.1, result, ["apgd_ce", "apgd_t"])
+    assert not transfer_not_stronger(inputs)["passed"]
+    assert float(worst_case(result, eps=0.2).float().mean()) <= transfer
