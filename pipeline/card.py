@@ -150,7 +150,7 @@ def _is_fraction(name: str) -> bool:
 
 
 def _seconds(key: str, value: float) -> str:
-    return _num(key, value, f"{value:.1f} s")
+    return _num(key, value, f"{value:.3g} s")
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -246,12 +246,12 @@ def _header(rep: dict[str, Any], date: str | None) -> str:
     rows: list[tuple[str, str]] = []
     if model:
         rows.append(("Model", escape(_model_title(rep))))
-        rows += [(label, f"<code>{escape(str(model[k]))}</code>") for k, label in _MODEL_FIELDS if model.get(k)]
+        rows += [(label, _field(f"model.{k}", model[k])) for k, label in _MODEL_FIELDS if model.get(k)]
         if model.get("weights_sha256"):
             sha = escape(str(model["weights_sha256"]))
             rows.append(("Weights sha256", f'<code title="{sha}">{sha[:12]}&hellip;</code>'))
     if data:
-        rows.append(("Data", ", ".join(f"{escape(str(k))}: <code>{escape(str(v))}</code>" for k, v in data.items())))
+        rows.append(("Data", ", ".join(f"{escape(str(k))}: {_field(f'data.{k}', v)}" for k, v in data.items())))
     if threat := rep.get("threat_model"):
         eps = _plain("threat_model.eps", threat.get("eps"))
         rows.append(("Threat model", f"{escape(str(threat.get('norm', '?')))}, eps = {eps}"))
@@ -266,6 +266,11 @@ def _header(rep: dict[str, Any], date: str | None) -> str:
 
 
 _MODEL_FIELDS = (("uri", "URI"), ("architecture", "Architecture"), ("run_id", "MLflow run"))
+
+
+def _field(key: str, value: Any) -> str:
+    """A free-form report value: a number keeps its data-key, anything else is escaped text."""
+    return _plain(key, value) if _is_number(value) else f"<code>{escape(str(value))}</code>"
 
 
 def _protocol_text(protocol: dict[str, Any]) -> str:
@@ -290,7 +295,8 @@ def _headline(rep: dict[str, Any]) -> str:
     robust = _metric("Robust accuracy", robust_value, interval, suspect=state == "suspect")
     notes = []
     if rep.get("robust_accuracy_protocol") is not None:
-        notes.append(f"The protocol alone: {_pct('robust_accuracy_protocol', rep['robust_accuracy_protocol'])}.")
+        alone = _pct("robust_accuracy_protocol", rep["robust_accuracy_protocol"])
+        notes.append(f"The protocol's attacks alone, before the extra attacks: {alone}.")
     if extra := rep.get("broken_by_extra"):
         counts = ", ".join(f"{escape(k)} {_plain(f'broken_by_extra.{k}', v)}" for k, v in extra.items())
         notes.append(f"Examples broken only by the extra attacks: {counts}.")

@@ -15,7 +15,8 @@ so far and then moved back toward the original, x_0 + beta (x_{k+1} - x_0). The 
 
 FAB-T as AutoAttack runs it: for each of the `num_target_classes` most likely other classes (by the
 clean logits, most likely first), `num_restarts` runs of `num_steps` iterations on the points not yet
-broken. The first run of a target starts at x itself; a restart starts at a random point at norm eps/2
+broken (with eps=inf, on every point: each keeps its smallest adversarial over all the targets). The
+first run of a target starts at x itself; a restart starts at a random point at norm eps/2
 around x (AutoAttack's FAB; with eps=inf, at half of AutoAttack's default FAB eps: 0.3 Linf, 1.0 L2).
 Defaults are AutoAttack's "standard" FAB-T: 100 steps, 1 restart, 9 targets, alpha_max 0.1, eta 1.05,
 beta 0.9; AutoAttack counts a point broken only when the norm of what FAB found is <= eps.
@@ -211,8 +212,10 @@ def fab(
     radius = (eps if math.isfinite(eps) else UNBOUNDED_START_EPS[norm]) / 2
     for k in range(min(num_target_classes, logits.shape[1] - 1)):
         for restart in range(num_restarts):
-            # Still robust: nothing found yet, or (AutoAttack's rule) only beyond eps.
-            idx = (best_norm.isinf() | (best_norm > eps)).nonzero().squeeze(1)  # one host sync per run
+            # Still robust: nothing found yet, or (AutoAttack's rule) only beyond eps. With eps=inf (the
+            # minimal-norm use) every target runs on every point and each keeps its smallest adversarial.
+            still = best_norm > 0 if math.isinf(eps) else best_norm.isinf() | (best_norm > eps)
+            idx = still.nonzero().squeeze(1)  # one host sync per run
             if idx.numel() == 0:
                 return within_eps(x, best, eps=eps, norm=norm)
             x_sub = x[idx]

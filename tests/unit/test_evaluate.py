@@ -18,7 +18,7 @@ from pipeline.evaluate import (
     worst_case,
 )
 from pipeline.evaluation_report import report
-from pipeline.sanity import SanityInputs, extra_broken, transfer_not_stronger
+from pipeline.sanity import SanityInputs, extra_broken, minimal_agrees_with_fixed_eps, transfer_not_stronger
 
 
 def test_standard_ensemble_breaks_undefended_model(digits_path, undefended):
@@ -164,3 +164,24 @@ def test_transfer_from_an_undefended_surrogate_exposes_masked_gradients(digits_p
     inputs = SanityInputs(masked, x, y, "linf", 0.2, 0, 0.1, result, ["apgd_ce", "apgd_t"])
     assert not transfer_not_stronger(inputs)["passed"]
     assert float(worst_case(result, eps=0.2).float().mean()) <= transfer
+
+
+def test_minimal_protocol_measures_each_examples_smallest_perturbation(digits_path, undefended):
+    """`minimal`: DeepFool, FMN and FAB-T run unbounded on every clean-correct example; the best of them
+    is each example's smallest adversarial perturbation, and the accuracy curve read off it agrees with
+    the fixed-eps cascade at the threat model's eps (the sanity check that compares the two passes)."""
+    x, y = load_split(digits_path, "test", max_examples=32)
+    result = evaluate_examples(undefended, x, y, norm="linf", eps=0.1, protocol="minimal", seed=0, chunk_size=32)
+    assert set(result.min_norms) == {"deepfool", "fmn", "fab_t"}
+    best, clean = result.min_norm, result.clean_correct
+    assert torch.isfinite(best[clean]).all() and (best[clean] > 0).all() and (best[~clean] == 0).all()
+    assert (best <= torch.stack(list(result.min_norms.values()))).all()
+    rep = report(
+        result, sanity=None, protocol="minimal", norm="linf", eps=0.1, seed=0, model_info={}, data_info={}, seconds=1.0
+    )
+    minimal = rep["minimal"]
+    assert minimal["accuracy_at_eps"] == pytest.approx(float((best > 0.1).float().mean()))
+    assert 0.0 < minimal["median_norm"] < 0.2  # an undefended digits model: small perturbations suffice
+    inputs = SanityInputs(undefended, x, y, "linf", 0.1, 0, 0.1, result, ["apgd_ce"])
+    assert minimal_agrees_with_fixed_eps(inputs)["passed"]
+    assert rep["robust_accuracy"] <= min(minimal["accuracy_at_eps"], rep["robust_accuracy_protocol"])

@@ -57,7 +57,7 @@ def test_stays_in_ball_and_box_without_touching_the_model(mode, norm, eps, batch
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.2), ("l2", 1.0)])
 def test_breaks_the_undefended_model_within_eps(norm, eps, batch, undefended):
     x, y = batch
-    x_adv = fmn(undefended, x, y, eps=eps, norm=norm, num_steps=100)
+    x_adv = fmn(undefended, x, y, eps=eps, norm=norm, num_steps=20)
     assert _norms(x_adv, x, norm).max() <= eps + 1e-5
     with torch.no_grad():
         clean = (undefended(x).argmax(1) == y).float().mean()
@@ -70,7 +70,7 @@ def test_unbounded_answers_are_adversarial_or_x(norm, batch, undefended):
     x, y = batch
     y = y.clone()
     y[0] = (undefended(x[:1]).argmax(1)[0] + 1) % 10  # already misclassified: must come back as x
-    x_adv = fmn(undefended, x, y, eps=math.inf, norm=norm, num_steps=50)
+    x_adv = fmn(undefended, x, y, eps=math.inf, norm=norm, num_steps=30)
     changed = (x_adv != x).flatten(1).any(1)
     with torch.no_grad():
         wrong = undefended(x_adv).argmax(1) != y
@@ -99,7 +99,7 @@ def test_warm_start_from_far_adversarials(norm):
     x_adv = fmn(model, x, y, eps=math.inf, norm=norm, num_steps=20, starting_points=far)
     with torch.no_grad():
         assert (model(x_adv).argmax(1) != y).all()
-    assert (_norms(x_adv, x, norm) <= _norms(far, x, norm)).all()
+    assert torch.allclose(_norms(x_adv, x, norm), distance[norm], rtol=0.05)
     # A starting point that is not adversarial is ignored: that example starts from x.
     x_same = fmn(model, x, y, eps=math.inf, norm=norm, num_steps=20, starting_points=x.clone())
     assert torch.equal(x_same, fmn(model, x, y, eps=math.inf, norm=norm, num_steps=20))
@@ -111,7 +111,7 @@ def test_box_aware_steps_reach_the_boundary_where_the_reference_rule_stalls(batc
     x, y = batch
     found = {}
     for box_aware in (False, True):
-        x_adv = fmn(undefended, x, y, eps=math.inf, norm="l2", num_steps=50, box_aware=box_aware)
+        x_adv = fmn(undefended, x, y, eps=math.inf, norm="l2", num_steps=30, box_aware=box_aware)
         with torch.no_grad():
             found[box_aware] = int((undefended(x_adv).argmax(1) != y).sum())
     assert found[True] == len(y) > found[False]

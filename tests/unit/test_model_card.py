@@ -21,7 +21,7 @@ import torch
 
 from pipeline.attacks import get_attack
 from pipeline.attacks.minimal import perturbation_norms
-from pipeline.card import write_card
+from pipeline.card import render_card, write_card
 from pipeline.data import load_split, read_metadata
 from pipeline.evaluate import ChunkResult, evaluate_examples
 from pipeline.evaluation_report import plot_curve, plot_examples, plot_minimal_curve, report
@@ -101,11 +101,14 @@ def _versions(rep: dict[str, Any], earlier) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(digits_path, undefended, tmp_path_factory) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+def evaluated(undefended, digits_path, tmp_path_factory) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
     """(folder with report.json and its PNGs, as `advtrain evaluate` writes them; the report as read back;
     the versions list)."""
+    return _evaluate(digits_path, undefended, tmp_path_factory.mktemp("card"))
+
+
+def _evaluate(digits_path: Path, undefended, out: Path) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
     started = time.perf_counter()
-    out = tmp_path_factory.mktemp("card")
     x, y = load_split(digits_path, "val", max_examples=NUM_EXAMPLES)
     surrogate = _linear_surrogate(digits_path)
     attack = {"norm": "linf", "eps": EPS, "protocol": "fast", "seed": 0}
@@ -243,7 +246,7 @@ def _shown_matches(text: str, value: float) -> bool:
     scale = 100.0 if text.endswith("%") else 1.0
     number = text.removesuffix("%").removesuffix(" s")
     if "e" in number:
-        return math.isclose(float(number), value, rel_tol=1e-3)
+        return math.isclose(float(number), value, rel_tol=5e-3)  # 3 significant digits at least
     decimals = len(number.split(".")[1]) if "." in number else 0
     return abs(float(number) / scale - value) <= 0.5 * 10.0**-decimals / scale + 1e-12
 
@@ -330,10 +333,36 @@ def test_suspect_card_marks_the_robust_number_and_names_the_failed_rule(chromium
 
 
 def test_passed_card_shows_no_suspect_mark(chromium, evaluated, tmp_path):
-    card, rep, _ = _variant(*evaluated, tmp_path / "passed", failed=None)
+    card, _, _ = _variant(*evaluated, tmp_path / "passed", failed=None)
     dom = _Dom(_browser(chromium, card, tmp_path / "profile", "--dump-dom"))
 
     robust = dom.box_with("div", key="robust_accuracy", css="value")
     assert "PASSED" in robust["text"] and "SUSPECT" not in robust["text"]
     assert not any("warn" in b["classes"] for b in dom.boxes)
     assert "SUSPECT" not in " ".join(b["text"] for b in dom.boxes)
+
+
+def test_card_escapes_report_strings_and_leaves_out_missing_sections():
+    """A report's strings come from users (model names, data paths): shown as text, never as markup. A
+    report without sanity checks, plots or extra attacks gives a card without those sections."""
+    rep = {
+        "model": {"name": "<script>alert(1)</script>", "version": "3", "uri": "models:/x/3?a=1&b=2"},
+        "data": {"path": "/d/<img src=x onerror=alert(1)>", "num_images": 12},
+        "threat_model": {"norm": "l2", "eps": 0.5},
+        "clean_accuracy": 0.9,
+        "robust_accuracy": 0.4,
+        "robust_accuracy_ci95": [0.3, 0.5],
+        "accuracy_after_each_attack": {"apgd_ce": 0.5, "a<b": 0.4},
+        "sanity": None,
+        "suspect": None,
+    }
+    html = render_card(rep, images={})
+    assert "<script>alert" not in html and "<img src=x" not in html and "<img" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "a=1&amp;b=2" in html
+    assert 'data-key="data.num_images" data-value="12"' in html
+    assert 'data-key="accuracy_after_each_attack.a&lt;b" data-value="0.4"' in html
+    assert "UNCHECKED" in html and "SUSPECT" not in html
+    for absent in ("Sanity checks", "Minimal-norm", "Transfer", "Examples", "Versions", "Time"):
+        assert f"<h2>{absent}" not in html
+    with pytest.raises(ValueError, match="verdict"):
+        render_card({**rep, "verdict": "maybe"}, images={})
