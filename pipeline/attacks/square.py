@@ -19,9 +19,10 @@ from torch import nn
 from pipeline.attacks.losses import margin_loss
 
 
-def p_selection(p_init: float, query: int, num_queries: int) -> float:
-    """The paper's piecewise-constant schedule, defined for 10,000 queries and rescaled to the budget."""
-    it = int(query / num_queries * 10000)
+def p_selection(p_init: float, query: int, num_queries: int, *, rescale: bool = True) -> float:
+    """The paper's piecewise-constant schedule, defined for 10,000 queries; `rescale` stretches it to the
+    budget (the Square paper's code), else p follows the raw query index (AutoAttack's resc_schedule=False)."""
+    it = int(query / num_queries * 10000) if rescale else query
     for bound, divisor in (
         (8000, 512),
         (6000, 256),
@@ -81,9 +82,15 @@ def square(
     norm: str = "linf",
     num_queries: int = 5000,
     p_init: float = 0.8,
+    rescale_schedule: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Untargeted Square attack; x (N,C,H,W) in [0,1]. Queries stop per example once it is fooled."""
+    """Untargeted Square attack; x (N,C,H,W) in [0,1]. Queries stop per example once it is fooled.
+
+    `rescale_schedule=False` is AutoAttack's setting (its SquareAttack(resc_schedule=False)): with 5000
+    queries p halves at queries 10, 50, 200, 500, 1000, 2000, 4000 and ends at p_init/128; True stretches
+    the 10,000-query schedule over the budget (p_init/512 from 80% of it on, 1-pixel windows on 28x28).
+    """
     if x.shape[0] == 0 or eps == 0:
         return x.detach().clone()
     device = x.device
@@ -99,7 +106,7 @@ def square(
             if active.numel() == 0:
                 break
             x_cur, x_best_cur, y_cur = x[active], x_best[active], y[active]
-            p = p_selection(p_init, query, num_queries)
+            p = p_selection(p_init, query, num_queries, rescale=rescale_schedule)
             if norm == "linf":
                 s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
                 vh, vw = _randint(h - s, generator, device), _randint(w - s, generator, device)
