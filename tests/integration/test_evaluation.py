@@ -119,12 +119,18 @@ def test_evaluation_of_a_registered_model_logs_evidence(
     assert float(tags["eval.robust_acc"]) == report["robust_accuracy"]
     assert tags["eval.protocol"] == "standard" and tags["eval.norm"] == "linf" and tags["eval.eps"] == "0.2"
     assert tags["eval.weights_sha256"] == registered["weights_sha256"] == tags["weights_sha256"]
-    assert tags["eval.sanity"] in ("passed", "failed")
+    assert tags["eval.sanity"] == {"passed": "passed", "suspect": "failed"}[report["verdict"]]
+    # The tag is the worst case over everything that ran, never above the cascade's own number.
+    assert float(tags["eval.robust_acc_protocol"]) == report["robust_accuracy_protocol"] >= report["robust_accuracy"]
     logged = {a.path for a in client.list_artifacts(run_id, "evaluation/standard-linf-eps0.2")}
     assert {
         "evaluation/standard-linf-eps0.2/report.json",
         "evaluation/standard-linf-eps0.2/accuracy_vs_eps.png",
+        "evaluation/standard-linf-eps0.2/card.html",
     } <= logged
+    card = (tmp_path / "report" / "card.html").read_text()
+    # The card lists this registered version with the numbers its tags now hold.
+    assert 'data-key="versions.0.robust_acc"' in card and f'data-value="{report["robust_accuracy"]!r}"' in card
     assert report["protocol"]["num_examples"] == 64 and len(report["robust_accuracy_ci95"]) == 2
 
 

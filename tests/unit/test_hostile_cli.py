@@ -400,3 +400,29 @@ def test_byo_command_options_are_checked(capsys, tmp_path, digits_path):
     )
     assert code == cli.EXIT_BAD_INPUT and "--name" in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_transfer_surrogate_for_other_images_is_refused_before_anything_starts(capsys, tmp_path, digits_path):
+    """`--transfer-from` a model built for other images (3 channels here) or a folder that is no model:
+    exit 2 naming the surrogate, before Ray starts and with no report written."""
+    import ray
+
+    from pipeline.config import ModelConfig
+    from pipeline.model_folder import save_weights
+    from pipeline.models import architecture, build_model
+
+    target, surrogate = tmp_path / "target", tmp_path / "surrogate"
+    for folder, shape in ((target, (1, 8, 8)), (surrogate, (3, 8, 8))):
+        arch = architecture(ModelConfig(), shape=shape, num_classes=10, mean=(0.3,) * shape[0], std=(0.4,) * shape[0])
+        save_weights(build_model(arch), arch, folder)
+    ray_before = ray.is_initialized()
+    base = ["evaluate", "--model", str(target), "--data", str(digits_path), "--norm", "linf", "--eps", "0.1"]
+    code, text = _run(capsys, *base, "--transfer-from", str(surrogate), "--out", str(tmp_path / "out"))
+    assert (
+        code == cli.EXIT_BAD_INPUT
+        and "--transfer-from" in text
+        and "(3, 8, 8)" in text.replace("[3, 8, 8]", "(3, 8, 8)")
+    ), text
+    code, text = _run(capsys, *base, "--transfer-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    assert code == cli.EXIT_BAD_INPUT and "nothing" in text, text
+    assert ray.is_initialized() == ray_before and not (tmp_path / "out").exists()
