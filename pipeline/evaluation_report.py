@@ -42,8 +42,9 @@ def _minimal_summary(result: ChunkResult, *, norm: str, eps: float) -> dict[str,
     return {
         "norm": norm,
         "attacks": [{"name": name, **kwargs} for name, kwargs in MINIMAL_ATTACKS[norm]],
-        # inf (none found) sorts last, so the median is a true median over the clean-correct examples.
-        "median_norm": float(sizes.median()) if sizes.numel() else None,
+        # inf (none found) sorts last, so the median is a true median over the clean-correct examples
+        # (None when more than half had no adversarial found: JSON has no infinity).
+        "median_norm": _finite(sizes.median()) if sizes.numel() else None,
         "mean_norm": float(best[found].mean()) if bool(found.any()) else None,
         "not_found": int((clean & ~torch.isfinite(best)).sum()),
         "per_attack_median": {
@@ -53,6 +54,10 @@ def _minimal_summary(result: ChunkResult, *, norm: str, eps: float) -> dict[str,
         "fixed_eps_accuracy": float(result.robust.float().mean()),
         "curve": [{"eps": e, "accuracy": float((best > e).float().mean())} for e in grid],
     }
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    return float(value) if bool(torch.isfinite(value)) else None
 
 
 def _transfer_summary(result: ChunkResult, surrogate: str | None) -> dict[str, Any] | None:
@@ -98,7 +103,7 @@ def report(
         "verdict": verdict(sanity),
         "robust_accuracy_protocol": float(result.robust.float().mean()),
         "broken_by_extra": _extra_counts(result, eps=eps, broken_by_sanity=broken_by_sanity),
-        "accuracy_after_each_attack": {name: float(after.float().mean()) for name, after in result.robust_after.items()},
+        "accuracy_after_each_attack": {n: float(after.float().mean()) for n, after in result.robust_after.items()},
         "minimal": _minimal_summary(result, norm=norm, eps=eps),
         "transfer": _transfer_summary(result, surrogate),
         "sanity": sanity,

@@ -12,6 +12,8 @@ CORE = [
     "schedules",
     "training",
     "evaluate",
+    "evaluation_report",
+    "card",
     "sanity",
     "search",
     "cli",

@@ -1,0 +1,350 @@
+"""Our minimal-norm attacks vs foolbox 3.3.4 and IBM ART 1.20: same model, same examples, same settings,
+one process, one run.
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/minimal_norm_conformance.py \
+        --json benchmarks/results/minimal_norm_conformance.json
+
+Trains the small_cnn digits models the tests use, in process (undefended: `standard`, 8 epochs; PGD-AT:
+`pgd_at`, Linf eps 0.2, --at-epochs epochs), takes the first --num-examples test examples each model
+classifies correctly, and runs every attack family on them, ours (`get_attack(name)`, eps=math.inf)
+beside each reference at matched settings:
+
+| family        | ours                                    | foolbox 3.3.4                 | ART 1.20.1                 |
+|---------------|-----------------------------------------|-------------------------------|----------------------------|
+| cw_l2         | cw_l2(S, 9 search steps, c0 1e-3, lr .01)| L2CarliniWagnerAttack (same)  | CarliniL2Method (same)     |
+| deepfool_l2   | deepfool(50 steps, overshoot .02, 10)   | L2DeepFoolAttack (same)       | DeepFool(50, eps .02, 10)  |
+| deepfool_linf | deepfool(norm linf, same)               | LinfDeepFoolAttack (same)     | (ART's DeepFool is L2 only)|
+| fmn_l2        | fmn(S, alpha 1 -> .01, gamma .05)       | L2FMNAttack (same)            | (none)                     |
+| fmn_linf      | fmn(norm linf, same)                    | LInfFMNAttack (same)          | (none)                     |
+
+Every side's answer is checked here, identically: an example counts as broken only where
+model(x_adv).argmax != y, and its norm is computed from x_adv - x in pixel space. Per side: success rate,
+median and mean norm over its own successes, the median over the examples every side of the family
+broke ("common"), and the median over all examples with inf for a failure ("median minimal norm": the
+number the bar is on, since success rates can differ). Ratios: ours / best reference (median norm,
+bar <= 1.02) and ours / fastest reference (seconds, bar <= 0.5).
+
+Where the references' settings cannot be matched exactly (their documented behaviour, not ours):
+ART's C&W replaces Adam by a line search (max_halving 5, max_doubling 5) and has no early abort; ART's
+DeepFool applies the overshoot once at the end, not at every step, and adds no 1e-4 to the step;
+foolbox's L2FMNAttack never projects onto its eps_k (its `project` scales by norms / norms = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+NORM_BAR = 1.02
+TIME_BAR = 0.5
+DEEPFOOL = {"num_steps": 50, "overshoot": 0.02, "num_candidates": 10}  # the paper's (and foolbox's defaults)
+CW = {"binary_search_steps": 9, "initial_const": 1e-3, "learning_rate": 0.01, "confidence": 0.0}
+FMN = {"alpha_init": 1.0, "gamma_init": 0.05}  # alpha_final = alpha_init / 100, gamma_final 0.001 on both sides
+
+Runner = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_model(data: Path, method: str, epochs: int, seed: int = 0) -> nn.Module:
+    """The small_cnn digits model of tests/conftest.py `train_in_process`, in eval mode."""
+    from pipeline.config import config_from_dict
+    from pipeline.training import fit_in_process
+
+    config = config_from_dict(
+        {
+            "run": {"epochs": epochs, "seed": seed, "keep_best": False},
+            "data": {"path": str(data), "batch_size": 64},
+            "attack": {"eps": 0.2, "num_steps": 7},
+            "method": {"name": method, "co_guard": False},
+            "schedule": {"eps_ramp": "linear", "eps_ramp_epochs": 5},
+            "optim": {"name": "adam", "lr": 0.001 if method != "standard" else 0.002, "weight_decay": 0.0},
+            "validation": {"num_examples": 32, "num_steps": 2},
+        }
+    )
+    return fit_in_process(config)[0].eval()
+
+
+def correct_examples(model: nn.Module, data: Path, num_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `num_examples` test examples the model classifies correctly."""
+    from pipeline.data import load_split
+
+    x, y = load_split(data, "test")
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    return x[keep][:num_examples].contiguous(), y[keep][:num_examples].contiguous()
+
+
+def norms(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
+    delta = (x_adv - x).flatten(1).double()
+    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+
+
+def measure(run: Runner, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str) -> dict:
+    """Runs one side; returns seconds, success mask and per-example norms (inf where it failed)."""
+    started = time.perf_counter()
+    x_adv = run(model, x, y)
+    seconds = time.perf_counter() - started
+    x_adv = torch.as_tensor(np.asarray(x_adv) if not isinstance(x_adv, torch.Tensor) else x_adv).float()
+    with torch.no_grad():
+        broken = model(x_adv).argmax(1) != y
+    in_box = bool(x_adv.min() >= 0 and x_adv.max() <= 1)
+    size = torch.where(broken, norms(x, x_adv, norm), torch.tensor(math.inf, dtype=torch.float64))
+    return {"seconds": seconds, "broken": broken, "norms": size, "in_box": in_box}
+
+
+def ours(name: str, norm: str, **options) -> Runner:
+    from pipeline.attacks import get_attack
+
+    attack = get_attack(name)
+    return lambda model, x, y: attack(model, x, y, eps=math.inf, norm=norm, **options)
+
+
+def foolbox_side(attack) -> Runner:
+    import foolbox
+
+    def run(model, x, y):
+        fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
+        raw, _, _ = attack(fmodel, x, y, epsilons=None)
+        return raw
+
+    return run
+
+
+def art_side(make) -> Runner:
+    from art.estimators.classification import PyTorchClassifier
+
+    def run(model, x, y):
+        classifier = PyTorchClassifier(
+            model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0)
+        )
+        return make(classifier, len(y)).generate(x.numpy(), y.numpy())
+
+    return run
+
+
+def families(steps_cw: int, steps_fmn: int) -> dict[str, tuple[str, dict[str, Runner]]]:
+    """family -> (norm, {side: runner}); `ours` first."""
+    import foolbox.attacks as fa
+    from art.attacks.evasion import CarliniL2Method, DeepFool
+
+    cw_fb = fa.L2CarliniWagnerAttack(
+        binary_search_steps=CW["binary_search_steps"],
+        steps=steps_cw,
+        stepsize=CW["learning_rate"],
+        confidence=CW["confidence"],
+        initial_const=CW["initial_const"],
+        abort_early=True,
+    )
+    df_fb = {"steps": DEEPFOOL["num_steps"], "candidates": DEEPFOOL["num_candidates"], "overshoot": DEEPFOOL["overshoot"]}
+    fmn_fb = {"steps": steps_fmn, "max_stepsize": FMN["alpha_init"], "gamma": FMN["gamma_init"]}
+    return {
+        "cw_l2": (
+            "l2",
+            {
+                "ours": ours("cw_l2", "l2", num_steps=steps_cw, **CW),
+                "foolbox": foolbox_side(cw_fb),
+                "art": art_side(
+                    lambda c, n: CarliniL2Method(
+                        c,
+                        confidence=CW["confidence"],
+                        learning_rate=CW["learning_rate"],
+                        binary_search_steps=CW["binary_search_steps"],
+                        max_iter=steps_cw,
+                        initial_const=CW["initial_const"],
+                        batch_size=n,
+                        verbose=False,
+                    )
+                ),
+            },
+        ),
+        "deepfool_l2": (
+            "l2",
+            {
+                "ours": ours("deepfool", "l2", **DEEPFOOL),
+                "foolbox": foolbox_side(fa.L2DeepFoolAttack(loss="logits", **df_fb)),
+                "art": art_side(
+                    lambda c, n: DeepFool(
+                        c,
+                        max_iter=DEEPFOOL["num_steps"],
+                        epsilon=DEEPFOOL["overshoot"],
+                        nb_grads=DEEPFOOL["num_candidates"],
+                        batch_size=n,
+                        verbose=False,
+                    )
+                ),
+            },
+        ),
+        "deepfool_linf": (
+            "linf",
+            {
+                "ours": ours("deepfool", "linf", **DEEPFOOL),
+                "foolbox": foolbox_side(fa.LinfDeepFoolAttack(loss="logits", **df_fb)),
+            },
+        ),
+        "fmn_l2": (
+            "l2",
+            {"ours": ours("fmn", "l2", num_steps=steps_fmn, **FMN), "foolbox": foolbox_side(fa.L2FMNAttack(**fmn_fb))},
+        ),
+        "fmn_linf": (
+            "linf",
+            {
+                "ours": ours("fmn", "linf", num_steps=steps_fmn, **FMN),
+                "foolbox": foolbox_side(fa.LInfFMNAttack(**fmn_fb)),
+            },
+        ),
+    }
+
+
+def summarise(family: str, norm: str, results: dict[str, dict]) -> dict:
+    """The rows of one family plus its ratios and verdicts."""
+    common = torch.stack([r["broken"] for r in results.values()]).all(0)
+    sides = {}
+    for side, r in results.items():
+        own = r["norms"][r["broken"]].numpy()
+        sides[side] = {
+            "seconds": r["seconds"],
+            "success_rate": float(r["broken"].float().mean()),
+            "median_norm_own": float(np.median(own)) if len(own) else math.inf,
+            "mean_norm_own": float(own.mean()) if len(own) else math.inf,
+            "median_norm_common": float(np.median(r["norms"][common].numpy())) if bool(common.any()) else math.nan,
+            "median_norm_all": float(np.median(r["norms"].numpy())),  # inf for failures
+            "in_box": r["in_box"],
+        }
+    refs = {k: v for k, v in sides.items() if k != "ours"}
+    best = min(refs, key=lambda k: refs[k]["median_norm_all"])
+    fastest = min(refs, key=lambda k: refs[k]["seconds"])
+    norm_ratio = _ratio(sides["ours"]["median_norm_all"], refs[best]["median_norm_all"])
+    common_ratio = _ratio(sides["ours"]["median_norm_common"], min(r["median_norm_common"] for r in refs.values()))
+    time_ratio = sides["ours"]["seconds"] / refs[fastest]["seconds"]
+    return {
+        "family": family,
+        "norm": norm,
+        "num_common": int(common.sum()),
+        "sides": sides,
+        "best_reference": best,
+        "fastest_reference": fastest,
+        "norm_ratio": norm_ratio,
+        "norm_ratio_common": common_ratio,
+        "time_ratio": time_ratio,
+        "norm_pass": norm_ratio <= NORM_BAR,
+        "time_pass": time_ratio <= TIME_BAR,
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b):
+        return math.nan
+    return a / b if b > 0 else math.inf
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_family(label: str, row: dict) -> None:
+    print(f"\n[{label}] {row['family']} ({row['norm']}), common successes {row['num_common']}")
+    print(f"  {'side':8s} {'success':>8s} {'median':>9s} {'mean':>9s} {'common':>9s} {'all(inf)':>9s} {'seconds':>9s}")
+    for side, s in row["sides"].items():
+        print(
+            f"  {side:8s} {s['success_rate']:8.3f} {s['median_norm_own']:9.4f} {s['mean_norm_own']:9.4f} "
+            f"{s['median_norm_common']:9.4f} {s['median_norm_all']:9.4f} {s['seconds']:9.2f}"
+        )
+    print(
+        f"  norm ours/{row['best_reference']} = {row['norm_ratio']:.3f} (common {row['norm_ratio_common']:.3f}) "
+        f"{'PASS' if row['norm_pass'] else 'FAIL'} (<= {NORM_BAR});  time ours/{row['fastest_reference']} = "
+        f"{row['time_ratio']:.3f} {'PASS' if row['time_pass'] else 'FAIL'} (<= {TIME_BAR})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="prepared digits folder (default: prepare one in a temp dir)")
+    parser.add_argument("--num-examples", type=int, default=200)
+    parser.add_argument("--steps-cw", type=int, default=1000, help="C&W steps per search step (paper: 10000)")
+    parser.add_argument("--steps-fmn", type=int, default=1000, help="FMN steps (the paper's budget: 1000)")
+    parser.add_argument("--models", default="undefended,pgd_at", help="comma list of undefended, pgd_at")
+    parser.add_argument("--at-epochs", type=int, default=25, help="PGD-AT epochs (tests/conftest.py: 25)")
+    parser.add_argument("--families", default="cw_l2,deepfool_l2,deepfool_linf,fmn_l2,fmn_linf")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the rows, settings and machine here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    data = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "digits"
+    if not (data / "metadata.json").exists():
+        from pipeline.data import prepare_digits
+
+        prepare_digits(data)
+    recipes = {"undefended": ("standard", 8), "pgd_at": ("pgd_at", args.at_epochs)}
+    chosen = [m for m in args.models.split(",") if m]
+    wanted = [f for f in args.families.split(",") if f]
+    rows = []
+    print(f"threads {torch.get_num_threads()}  cpu {cpu_model()}  flags {','.join(cpu_flags())}")
+    for label in chosen:
+        method, epochs = recipes[label]
+        started = time.perf_counter()
+        model = train_model(data, method, epochs)
+        x, y = correct_examples(model, data, args.num_examples)
+        print(f"\nmodel {label}: {method}, {epochs} epochs, trained in {time.perf_counter() - started:.1f} s; {len(y)} examples")
+        for family, (norm, sides) in families(args.steps_cw, args.steps_fmn).items():
+            if family not in wanted:
+                continue
+            results = {side: measure(run, model, x, y, norm) for side, run in sides.items()}
+            row = {"model": label, "num_examples": len(y), **summarise(family, norm, results)}
+            print_family(label, row)
+            rows.append(row)
+    if args.json:
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": {
+                "arch": platform.machine(),
+                "cpu": cpu_model(),
+                "flags": cpu_flags(),
+                "torch_threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            "settings": {
+                "num_examples": args.num_examples,
+                "steps_cw": args.steps_cw,
+                "steps_fmn": args.steps_fmn,
+                "at_epochs": args.at_epochs,
+                "cw": CW,
+                "deepfool": DEEPFOOL,
+                "fmn": FMN,
+                "bars": {"norm_ratio": NORM_BAR, "time_ratio": TIME_BAR},
+            },
+            "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/minimal_norm_conformance.py "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
+            "rows": rows,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
