@@ -9,13 +9,16 @@ Trains the small_cnn digits models the tests use, in process (undefended: `stand
 classifies correctly, and runs every attack family on them, ours (`get_attack(name)`, eps=math.inf)
 beside each reference at matched settings:
 
-| family        | ours                                    | foolbox 3.3.4                 | ART 1.20.1                 |
-|---------------|-----------------------------------------|-------------------------------|----------------------------|
-| cw_l2         | cw_l2(S, 9 search steps, c0 1e-3, lr .01)| L2CarliniWagnerAttack (same)  | CarliniL2Method (same)     |
-| deepfool_l2   | deepfool(50 steps, overshoot .02, 10)   | L2DeepFoolAttack (same)       | DeepFool(50, eps .02, 10)  |
-| deepfool_linf | deepfool(norm linf, same)               | LinfDeepFoolAttack (same)     | (ART's DeepFool is L2 only)|
-| fmn_l2        | fmn(S, alpha 1 -> .01, gamma .05)       | L2FMNAttack (same)            | (none)                     |
-| fmn_linf      | fmn(norm linf, same)                    | LInfFMNAttack (same)          | (none)                     |
+| family        | ours (`get_attack`)                  | foolbox 3.3.4          | ART 1.20.1                  |
+|---------------|--------------------------------------|------------------------|-----------------------------|
+| cw_l2         | cw_l2: S steps x 9, c0 1e-3, lr 0.01 | L2CarliniWagnerAttack  | (too slow: see cw_l2_art)   |
+| cw_l2_art     | the same at --steps-cw-art steps     | the same               | CarliniL2Method, the same   |
+| deepfool_l2   | deepfool: 50 steps, overshoot 0.02,  | L2DeepFoolAttack       | DeepFool(max_iter 50,       |
+|               | 10 candidates                        |                        | epsilon 0.02, nb_grads 10)  |
+| deepfool_linf | deepfool, norm linf, the same        | LinfDeepFoolAttack     | (ART's DeepFool is L2 only) |
+| fmn_l2        | fmn: S steps, alpha 1 -> 0.01,       | L2FMNAttack            | (none)                      |
+|               | gamma 0.05 -> 0.001                  |                        |                             |
+| fmn_linf      | fmn, norm linf, the same             | LInfFMNAttack          | (none)                      |
 
 Every side's answer is checked here, identically: an example counts as broken only where
 model(x_adv).argmax != y, and its norm is computed from x_adv - x in pixel space. Per side: success rate,
@@ -39,6 +42,8 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +57,18 @@ CW = {"binary_search_steps": 9, "initial_const": 1e-3, "learning_rate": 0.01, "c
 FMN = {"alpha_init": 1.0, "gamma_init": 0.05}  # alpha_final = alpha_init / 100, gamma_final 0.001 on both sides
 
 Runner = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One comparison: attack family, norm, step budget, {side: runner} with `ours` first, and how many of
+    the model's examples it runs on (0: all)."""
+
+    name: str
+    norm: str
+    steps: int
+    sides: dict[str, Runner]
+    max_examples: int = 0
 
 
 def train_model(data: Path, method: str, epochs: int, seed: int = 0) -> nn.Module:
@@ -89,16 +106,31 @@ def norms(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def measure(run: Runner, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str) -> dict:
-    """Runs one side; returns seconds, success mask and per-example norms (inf where it failed)."""
+    """Runs one side; returns seconds, success mask, per-example norms (inf where it failed), the model's
+    forward calls and the examples they carried (the attack's cost in model passes), and how many answers
+    are the all-zero image (foolbox's C&W returns that where it found nothing: a valid but unsearched
+    adversarial)."""
+    passes = {"calls": 0, "examples": 0}
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        passes["calls"] += 1
+        passes["examples"] += int(inputs[0].shape[0])
+
+    # The first child, not the model: ART's PyTorchClassifier calls the model's children one by one.
+    handle = next(model.children(), model).register_forward_hook(count)
     started = time.perf_counter()
-    x_adv = run(model, x, y)
-    seconds = time.perf_counter() - started
+    try:
+        x_adv = run(model, x, y)
+    finally:
+        seconds = time.perf_counter() - started
+        handle.remove()
     x_adv = torch.as_tensor(np.asarray(x_adv) if not isinstance(x_adv, torch.Tensor) else x_adv).float()
     with torch.no_grad():
         broken = model(x_adv).argmax(1) != y
     in_box = bool(x_adv.min() >= 0 and x_adv.max() <= 1)
     size = torch.where(broken, norms(x, x_adv, norm), torch.tensor(math.inf, dtype=torch.float64))
-    return {"seconds": seconds, "broken": broken, "norms": size, "in_box": in_box}
+    zero = (x_adv.flatten(1) == 0).all(1) & (x.flatten(1) != 0).any(1)
+    return {"seconds": seconds, "broken": broken, "norms": size, "in_box": in_box, "zero_image": zero, **passes}
 
 
 def ours(name: str, norm: str, **options) -> Runner:
@@ -124,87 +156,126 @@ def art_side(make) -> Runner:
 
     def run(model, x, y):
         classifier = PyTorchClassifier(
-            model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0)
+            model=model,
+            loss=nn.CrossEntropyLoss(),
+            input_shape=tuple(x.shape[1:]),
+            nb_classes=10,
+            clip_values=(0.0, 1.0),
         )
         return make(classifier, len(y)).generate(x.numpy(), y.numpy())
 
     return run
 
 
-def families(steps_cw: int, steps_fmn: int) -> dict[str, tuple[str, dict[str, Runner]]]:
-    """family -> (norm, {side: runner}); `ours` first."""
+def families(steps_cw: int, steps_fmn: int, steps_cw_art: int, art_cw_examples: int) -> list[Family]:
+    """Every comparison; `ours` first in each."""
     import foolbox.attacks as fa
     from art.attacks.evasion import CarliniL2Method, DeepFool
 
-    cw_fb = fa.L2CarliniWagnerAttack(
-        binary_search_steps=CW["binary_search_steps"],
-        steps=steps_cw,
-        stepsize=CW["learning_rate"],
-        confidence=CW["confidence"],
-        initial_const=CW["initial_const"],
-        abort_early=True,
-    )
-    df_fb = {"steps": DEEPFOOL["num_steps"], "candidates": DEEPFOOL["num_candidates"], "overshoot": DEEPFOOL["overshoot"]}
+    def cw_fb(steps: int):
+        return fa.L2CarliniWagnerAttack(
+            binary_search_steps=CW["binary_search_steps"],
+            steps=steps,
+            stepsize=CW["learning_rate"],
+            confidence=CW["confidence"],
+            initial_const=CW["initial_const"],
+            abort_early=True,
+        )
+
+    def cw_art(classifier, n: int):
+        return CarliniL2Method(
+            classifier,
+            confidence=CW["confidence"],
+            learning_rate=CW["learning_rate"],
+            binary_search_steps=CW["binary_search_steps"],
+            max_iter=steps_cw_art,
+            initial_const=CW["initial_const"],
+            batch_size=n,
+            verbose=False,
+        )
+
+    def deepfool_art(classifier, n: int):
+        return DeepFool(
+            classifier,
+            max_iter=DEEPFOOL["num_steps"],
+            epsilon=DEEPFOOL["overshoot"],
+            nb_grads=DEEPFOOL["num_candidates"],
+            batch_size=n,
+            verbose=False,
+        )
+
+    df_fb = {
+        "steps": DEEPFOOL["num_steps"],
+        "candidates": DEEPFOOL["num_candidates"],
+        "overshoot": DEEPFOOL["overshoot"],
+    }
     fmn_fb = {"steps": steps_fmn, "max_stepsize": FMN["alpha_init"], "gamma": FMN["gamma_init"]}
-    return {
-        "cw_l2": (
+    return [
+        Family(
+            "cw_l2",
             "l2",
-            {
-                "ours": ours("cw_l2", "l2", num_steps=steps_cw, **CW),
-                "foolbox": foolbox_side(cw_fb),
-                "art": art_side(
-                    lambda c, n: CarliniL2Method(
-                        c,
-                        confidence=CW["confidence"],
-                        learning_rate=CW["learning_rate"],
-                        binary_search_steps=CW["binary_search_steps"],
-                        max_iter=steps_cw,
-                        initial_const=CW["initial_const"],
-                        batch_size=n,
-                        verbose=False,
-                    )
-                ),
-            },
+            steps_cw,
+            {"ours": ours("cw_l2", "l2", num_steps=steps_cw, **CW), "foolbox": foolbox_side(cw_fb(steps_cw))},
         ),
-        "deepfool_l2": (
+        # ART's C&W costs ~20x ours per step (a line search of up to 10 forward passes and two class
+        # gradients per step, no early abort): a smaller budget, all three sides on the same subset.
+        Family(
+            "cw_l2_art",
             "l2",
+            steps_cw_art,
+            {
+                "ours": ours("cw_l2", "l2", num_steps=steps_cw_art, **CW),
+                "foolbox": foolbox_side(cw_fb(steps_cw_art)),
+                "art": art_side(cw_art),
+            },
+            art_cw_examples,
+        ),
+        Family(
+            "deepfool_l2",
+            "l2",
+            DEEPFOOL["num_steps"],
             {
                 "ours": ours("deepfool", "l2", **DEEPFOOL),
                 "foolbox": foolbox_side(fa.L2DeepFoolAttack(loss="logits", **df_fb)),
-                "art": art_side(
-                    lambda c, n: DeepFool(
-                        c,
-                        max_iter=DEEPFOOL["num_steps"],
-                        epsilon=DEEPFOOL["overshoot"],
-                        nb_grads=DEEPFOOL["num_candidates"],
-                        batch_size=n,
-                        verbose=False,
-                    )
-                ),
+                "art": art_side(deepfool_art),
             },
         ),
-        "deepfool_linf": (
+        Family(
+            "deepfool_linf",
             "linf",
+            DEEPFOOL["num_steps"],
             {
                 "ours": ours("deepfool", "linf", **DEEPFOOL),
                 "foolbox": foolbox_side(fa.LinfDeepFoolAttack(loss="logits", **df_fb)),
             },
         ),
-        "fmn_l2": (
+        Family(
+            "fmn_l2",
             "l2",
+            steps_fmn,
             {"ours": ours("fmn", "l2", num_steps=steps_fmn, **FMN), "foolbox": foolbox_side(fa.L2FMNAttack(**fmn_fb))},
         ),
-        "fmn_linf": (
+        Family(
+            "fmn_linf",
             "linf",
+            steps_fmn,
             {
                 "ours": ours("fmn", "linf", num_steps=steps_fmn, **FMN),
                 "foolbox": foolbox_side(fa.LInfFMNAttack(**fmn_fb)),
             },
         ),
-    }
+    ]
 
 
-def summarise(family: str, norm: str, results: dict[str, dict]) -> dict:
+def warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One tiny call of each library, untimed, so no side pays for first-call set-up (imports, eagerpy)."""
+    for family in families(2, 2, 2, 0):
+        if family.name in ("cw_l2_art", "deepfool_l2"):
+            for run in family.sides.values():
+                run(model, x[:2], y[:2])
+
+
+def summarise(family: Family, results: dict[str, dict]) -> dict:
     """The rows of one family plus its ratios and verdicts."""
     common = torch.stack([r["broken"] for r in results.values()]).all(0)
     sides = {}
@@ -217,23 +288,33 @@ def summarise(family: str, norm: str, results: dict[str, dict]) -> dict:
             "mean_norm_own": float(own.mean()) if len(own) else math.inf,
             "median_norm_common": float(np.median(r["norms"][common].numpy())) if bool(common.any()) else math.nan,
             "median_norm_all": float(np.median(r["norms"].numpy())),  # inf for failures
+            # The same with all-zero answers (foolbox C&W's "nothing found") counted as failures.
+            "median_norm_all_searched": float(np.median(torch.where(r["zero_image"], math.inf, r["norms"]).numpy())),
             "in_box": r["in_box"],
+            "zero_image_answers": int(r["zero_image"].sum()),
+            "forward_calls": r["calls"],
+            "forward_examples": r["examples"],
         }
     refs = {k: v for k, v in sides.items() if k != "ours"}
     best = min(refs, key=lambda k: refs[k]["median_norm_all"])
     fastest = min(refs, key=lambda k: refs[k]["seconds"])
     norm_ratio = _ratio(sides["ours"]["median_norm_all"], refs[best]["median_norm_all"])
     common_ratio = _ratio(sides["ours"]["median_norm_common"], min(r["median_norm_common"] for r in refs.values()))
+    searched_ratio = _ratio(
+        sides["ours"]["median_norm_all_searched"], min(r["median_norm_all_searched"] for r in refs.values())
+    )
     time_ratio = sides["ours"]["seconds"] / refs[fastest]["seconds"]
     return {
-        "family": family,
-        "norm": norm,
+        "family": family.name,
+        "norm": family.norm,
+        "steps": family.steps,
         "num_common": int(common.sum()),
         "sides": sides,
         "best_reference": best,
         "fastest_reference": fastest,
         "norm_ratio": norm_ratio,
         "norm_ratio_common": common_ratio,
+        "norm_ratio_searched": searched_ratio,
         "time_ratio": time_ratio,
         "norm_pass": norm_ratio <= NORM_BAR,
         "time_pass": time_ratio <= TIME_BAR,
@@ -266,15 +347,22 @@ def cpu_model() -> str:
 
 
 def print_family(label: str, row: dict) -> None:
-    print(f"\n[{label}] {row['family']} ({row['norm']}), common successes {row['num_common']}")
-    print(f"  {'side':8s} {'success':>8s} {'median':>9s} {'mean':>9s} {'common':>9s} {'all(inf)':>9s} {'seconds':>9s}")
+    print(
+        f"\n[{label}] {row['family']} ({row['norm']}, {row['steps']} steps), {row['num_examples']} examples, "
+        f"{row['num_common']} broken by every side"
+    )
+    header = ("side", "success", "median", "mean", "common", "all(inf)", "seconds", "fwd calls", "fwd examples")
+    print("  " + " ".join(f"{h:>9s}" if i else f"{h:8s}" for i, h in enumerate(header)))
     for side, s in row["sides"].items():
+        zero = f"  ({s['zero_image_answers']} all-zero answers)" if s["zero_image_answers"] else ""
         print(
-            f"  {side:8s} {s['success_rate']:8.3f} {s['median_norm_own']:9.4f} {s['mean_norm_own']:9.4f} "
-            f"{s['median_norm_common']:9.4f} {s['median_norm_all']:9.4f} {s['seconds']:9.2f}"
+            f"  {side:8s} {s['success_rate']:9.3f} {s['median_norm_own']:9.4f} {s['mean_norm_own']:9.4f} "
+            f"{s['median_norm_common']:9.4f} {s['median_norm_all']:9.4f} {s['seconds']:9.2f} "
+            f"{s['forward_calls']:9d} {s['forward_examples']:9d}{zero}"
         )
     print(
-        f"  norm ours/{row['best_reference']} = {row['norm_ratio']:.3f} (common {row['norm_ratio_common']:.3f}) "
+        f"  norm ours/{row['best_reference']} = {row['norm_ratio']:.3f} (common {row['norm_ratio_common']:.3f}, "
+        f"all-zero answers as failures {row['norm_ratio_searched']:.3f}) "
         f"{'PASS' if row['norm_pass'] else 'FAIL'} (<= {NORM_BAR});  time ours/{row['fastest_reference']} = "
         f"{row['time_ratio']:.3f} {'PASS' if row['time_pass'] else 'FAIL'} (<= {TIME_BAR})"
     )
@@ -285,10 +373,12 @@ def main() -> None:
     parser.add_argument("--data", help="prepared digits folder (default: prepare one in a temp dir)")
     parser.add_argument("--num-examples", type=int, default=200)
     parser.add_argument("--steps-cw", type=int, default=1000, help="C&W steps per search step (paper: 10000)")
+    parser.add_argument("--steps-cw-art", type=int, default=100, help="C&W steps for the comparison with ART")
+    parser.add_argument("--art-cw-examples", type=int, default=32, help="examples for the comparison with ART's C&W")
     parser.add_argument("--steps-fmn", type=int, default=1000, help="FMN steps (the paper's budget: 1000)")
     parser.add_argument("--models", default="undefended,pgd_at", help="comma list of undefended, pgd_at")
     parser.add_argument("--at-epochs", type=int, default=25, help="PGD-AT epochs (tests/conftest.py: 25)")
-    parser.add_argument("--families", default="cw_l2,deepfool_l2,deepfool_linf,fmn_l2,fmn_linf")
+    parser.add_argument("--families", default="cw_l2,cw_l2_art,deepfool_l2,deepfool_linf,fmn_l2,fmn_linf")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the rows, settings and machine here")
     args = parser.parse_args()
@@ -310,12 +400,15 @@ def main() -> None:
         started = time.perf_counter()
         model = train_model(data, method, epochs)
         x, y = correct_examples(model, data, args.num_examples)
-        print(f"\nmodel {label}: {method}, {epochs} epochs, trained in {time.perf_counter() - started:.1f} s; {len(y)} examples")
-        for family, (norm, sides) in families(args.steps_cw, args.steps_fmn).items():
-            if family not in wanted:
+        seconds = time.perf_counter() - started
+        print(f"\nmodel {label}: {method}, {epochs} epochs, trained in {seconds:.1f} s; {len(y)} examples")
+        warm_up(model, x, y)
+        for family in families(args.steps_cw, args.steps_fmn, args.steps_cw_art, args.art_cw_examples):
+            if family.name not in wanted:
                 continue
-            results = {side: measure(run, model, x, y, norm) for side, run in sides.items()}
-            row = {"model": label, "num_examples": len(y), **summarise(family, norm, results)}
+            xs, ys = (x[: family.max_examples], y[: family.max_examples]) if family.max_examples else (x, y)
+            results = {side: measure(run, model, xs, ys, family.norm) for side, run in family.sides.items()}
+            row = {"model": label, "num_examples": len(ys), **summarise(family, results)}
             print_family(label, row)
             rows.append(row)
     if args.json:
@@ -327,11 +420,15 @@ def main() -> None:
                 "flags": cpu_flags(),
                 "torch_threads": torch.get_num_threads(),
                 "torch": torch.__version__,
+                "foolbox": version("foolbox"),
+                "adversarial-robustness-toolbox": version("adversarial-robustness-toolbox"),
             },
             "settings": {
                 "num_examples": args.num_examples,
                 "steps_cw": args.steps_cw,
                 "steps_fmn": args.steps_fmn,
+                "steps_cw_art": args.steps_cw_art,
+                "art_cw_examples": args.art_cw_examples,
                 "at_epochs": args.at_epochs,
                 "cw": CW,
                 "deepfool": DEEPFOOL,

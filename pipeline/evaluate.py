@@ -41,6 +41,8 @@ PROTOCOLS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "pgd": [("pgd", {"num_steps": 50, "num_restarts": 2}), ("pgd_cw", {"num_steps": 50, "num_restarts": 1})],
     "minimal": STANDARD,
 }
+# A protocol that runs another's whole cascade (and more): its evidence stands in for the other's at promotion.
+PROTOCOL_INCLUDES: dict[str, tuple[str, ...]] = {"minimal": ("standard",)}
 # The minimal-norm attacks of `--protocol minimal`, run unbounded (eps=inf) on every clean-correct point:
 # each example's smallest adversarial perturbation is the best of them. The papers' budgets, except C&W:
 # 1000 iterations (with early abort) instead of 10000, so a CPU evaluation ends the same day.

@@ -102,6 +102,15 @@ def _same_threat(a: tuple, b: tuple) -> bool:
         return False
 
 
+def _covers(evidence_protocol: str | None, required: str | None) -> bool:
+    """Evidence from `evidence_protocol` stands in for `required`: the same protocol, or one that runs it
+    and more (`minimal` runs `standard`'s cascade; its worst case can only be lower, so accepting it for
+    a challenger never favours the challenger)."""
+    from pipeline.evaluate import PROTOCOL_INCLUDES
+
+    return evidence_protocol == required or required in PROTOCOL_INCLUDES.get(evidence_protocol or "", ())
+
+
 def evidence(g: GateInputs) -> Gate:
     """An `advtrain evaluate` record with the policy's protocol and at least `min_examples` examples, at
     the threat model the version was trained for."""
@@ -117,7 +126,7 @@ def evidence(g: GateInputs) -> Gate:
     (eval_norm, eval_eps), (train_norm, train_eps) = g.eval_threat, g.train_threat
     return Gate(
         "evidence",
-        g.tags.get("eval.protocol") == policy.protocol
+        _covers(g.tags.get("eval.protocol"), policy.protocol)
         and n >= policy.min_examples
         and _same_threat(g.train_threat, g.eval_threat),
         f"protocol {g.tags.get('eval.protocol')} (policy: {policy.protocol}), {n} examples "
@@ -162,7 +171,7 @@ def beats_champion(g: GateInputs) -> Gate:
     eval_norm, eval_eps = g.eval_threat
     # Numbers from another protocol or threat model say nothing about which model is more robust:
     # refuse instead of comparing them.
-    if ct.get("eval.protocol") != tags.get("eval.protocol") or not _same_threat(
+    if not _covers(tags.get("eval.protocol"), ct.get("eval.protocol")) or not _same_threat(
         (ct.get("eval.norm"), ct.get("eval.eps")), g.eval_threat
     ):
         return Gate(

@@ -47,7 +47,7 @@ ATTACK_CALLS = {
         m, x, y, eps=eps, norm=norm, num_steps=20, num_target_classes=3
     ),
     "cw_l2": lambda m, x, y, eps, norm: get_attack("cw_l2")(
-        m, x, y, eps=eps, norm=norm, num_steps=100, binary_search_steps=3, initial_const=1.0
+        m, x, y, eps=eps, norm=norm, num_steps=30, binary_search_steps=2, initial_const=1.0
     ),
     "fmn": lambda m, x, y, eps, norm: get_attack("fmn")(m, x, y, eps=eps, norm=norm, num_steps=50),
 }

@@ -185,3 +185,13 @@ def test_minimal_protocol_measures_each_examples_smallest_perturbation(digits_pa
     inputs = SanityInputs(undefended, x, y, "linf", 0.1, 0, 0.1, result, ["apgd_ce"])
     assert minimal_agrees_with_fixed_eps(inputs)["passed"]
     assert rep["robust_accuracy"] <= min(minimal["accuracy_at_eps"], rep["robust_accuracy_protocol"])
+
+
+def test_minimal_evidence_stands_in_for_standard_only_in_the_safe_direction():
+    """Promotion: a `minimal` evaluation ran the whole `standard` cascade (and more), so it is evidence for a
+    `standard` policy, and a minimal-evaluated challenger may be compared with a standard-evaluated
+    champion; never the other way round (that would compare a stricter champion number)."""
+    from pipeline.tracking.gates import _covers
+
+    assert _covers("minimal", "standard") and _covers("standard", "standard")
+    assert not _covers("standard", "minimal") and not _covers("fast", "standard") and not _covers(None, "standard")
