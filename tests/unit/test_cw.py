@@ -118,8 +118,8 @@ def test_early_abort_stops_a_stalled_search():
 
 
 def test_reproducible(batch, undefended):
-    x, y = batch
-    runs = [cw_l2(undefended, x, y, eps=math.inf, num_steps=20, binary_search_steps=2) for _ in range(2)]
+    x, y = batch[0][:8], batch[1][:8]
+    runs = [cw_l2(undefended, x, y, eps=math.inf, num_steps=10, binary_search_steps=2) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
