@@ -273,6 +273,62 @@ def reseed(args: argparse.Namespace) -> None:
             RESULTS.write_text(json.dumps(results, indent=1))
 
 
+def stagewise(args: argparse.Namespace) -> None:
+    """The cheap version of `compare` for a busy CPU: each attack alone on a fixed population, several seeds
+    per side. APGD-CE on every clean-correct example; then Square (ours with and without the rescaled
+    p schedule, and AutoAttack's) on the first --square-max points that every APGD-CE run left robust."""
+    if args.autoattack_src not in sys.path:
+        sys.path.insert(0, args.autoattack_src)
+    from autoattack import AutoAttack
+
+    from pipeline.data import load_split
+
+    x, y = load_split(DATA, "test", max_examples=args.num_examples)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name, model in load_models(args.model_folder).items():
+        adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu", verbose=False)
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        out = results.setdefault(name, {}).setdefault("stagewise", {"clean": int(clean.sum()), "n": len(y)})
+        robust_all = clean.clone()
+        for stage, sides, population in (("apgd_ce", ["ours", "autoattack"], clean.nonzero().squeeze(1)),):
+            out[stage] = {"population": len(population)}
+            for side in sides:
+                for seed in args.seeds:
+                    started = time.perf_counter()
+                    broken = _broken(
+                        model,
+                        _variant(side, model, adversary, stage, x[population], y[population], seed, args.eps),
+                        y[population],
+                    )
+                    robust_all[population[broken]] = False
+                    out[stage][f"{side}/seed{seed}"] = population[broken].tolist()
+                    print(
+                        f"{name} {stage} {side} seed {seed}: broke {int(broken.sum())} of {len(population)} "
+                        f"-> robust {(int(clean.sum()) - int(broken.sum())) / len(y):.3f} "
+                        f"({time.perf_counter() - started:.0f}s)",
+                        flush=True,
+                    )
+                    RESULTS.write_text(json.dumps(results, indent=1))
+        population = robust_all.nonzero().squeeze(1)[: args.square_max]
+        out["square"] = {"population": population.tolist()}
+        for side in args.square_sides:
+            for seed in args.square_seeds:
+                started = time.perf_counter()
+                broken = _broken(
+                    model,
+                    _variant(side, model, adversary, "square", x[population], y[population], seed, args.eps),
+                    y[population],
+                )
+                out["square"][f"{side}/seed{seed}"] = population[broken].tolist()
+                print(
+                    f"{name} square {side} seed {seed}: broke {int(broken.sum())} of {len(population)} "
+                    f"({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
+                RESULTS.write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,9 +352,18 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", default=["apgd_ce", "apgd_t", "square"])
     p.add_argument("--num-seeds", type=int, default=10, help="seeds on the disagreeing examples")
     p.add_argument("--population-seeds", type=int, default=3, help="seeds on the whole population")
+    p = sub.add_parser("stagewise")
+    p.add_argument("--autoattack-src", required=True)
+    p.add_argument("--model-folder", action="append", required=True)
+    p.add_argument("--num-examples", type=int, default=500)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--square-max", type=int, default=100)
+    p.add_argument("--square-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--square-sides", nargs="+", default=["ours_unrescaled", "autoattack", "ours_rescaled"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"train": train, "compare": compare, "reseed": reseed}[args.command](args)
+    {"train": train, "compare": compare, "reseed": reseed, "stagewise": stagewise}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,10 @@ def _version_tags(resolved, rep: dict[str, Any], *, label: str, split: str, atta
     """The evaluation's summary as model version tags, which promotion reads (with the weights' sha256, so
     the evidence is bound to these weights). eval.robust_acc is the worst case; eval.sanity its verdict."""
     sanity = rep.get("sanity")
+    optional = {
+        "eval.min_norm_median": (rep.get("minimal") or {}).get("median_norm"),
+        "eval.transfer_acc": (rep.get("transfer") or {}).get("accuracy"),
+    }
     return {
         "eval.robust_acc": rep["robust_accuracy"],
         "eval.robust_acc_protocol": rep["robust_accuracy_protocol"],
@@ -145,8 +149,7 @@ def _version_tags(resolved, rep: dict[str, Any], *, label: str, split: str, atta
         "eval.sanity": "skipped" if sanity is None else ("passed" if sanity["passed"] else "failed"),
         "eval.weights_sha256": resolved.weights_sha256,
         "eval.report": f"runs:/{resolved.run_id}/evaluation/{label}/report.json",
-        **({"eval.min_norm_median": rep["minimal"]["median_norm"]} if rep.get("minimal") else {}),
-        **({"eval.transfer_acc": rep["transfer"]["accuracy"]} if rep.get("transfer") else {}),
+        **{key: value for key, value in optional.items() if value is not None},
     }
 
 
