@@ -62,12 +62,14 @@ def test_deepfool_as_strong_as_foolbox(norm, batch, undefended):
 
 
 def test_cw_l2_as_strong_as_foolbox(batch, undefended):
-    """A small matched budget (100 steps x 5 search steps from c = 1e-2, Adam lr 0.01, early abort) in
-    place of the paper's 10000 x 9 from 1e-3."""
+    """A small matched budget (100 steps x 3 search steps from c = 0.1, Adam lr 0.01, early abort) in
+    place of the paper's 10000 x 9 from 1e-3. Both sides miss the same 2 of the 32 at this budget;
+    foolbox then answers with the all-zero image (its fallback, misclassified, so counted as broken
+    here with a norm of ~4), which cannot move the median of 32."""
     import foolbox.attacks as fa
 
     x, y = batch
-    options = {"binary_search_steps": 5, "initial_const": 1e-2, "confidence": 0.0}
+    options = {"binary_search_steps": 3, "initial_const": 0.1, "confidence": 0.0}
     ours = cw_l2(undefended, x, y, eps=math.inf, num_steps=100, learning_rate=0.01, **options)
     reference = fa.L2CarliniWagnerAttack(steps=100, stepsize=0.01, abort_early=True, **options)
     theirs = _foolbox(undefended, reference, x, y)
