@@ -6,9 +6,10 @@ tanh-space variable w, x_adv = (tanh(w) + 1) / 2, so the box [0,1] holds without
 the clean image, atanh((2x - 1) * (1 - 1e-6)) (the factor keeps atanh finite at 0 and 1), and Adam
 (lr 0.01) is restarted, state and all, at every binary-search step. The constant c starts at
 `initial_const`; after each search step it is multiplied by 10 while no adversarial has been found for
-that example, else bisected between the largest failing and the smallest succeeding c. A search step
-stops early when, at a check every num_steps // 10 steps, the loss has not gone below 0.9999 times its
-value at the previous check (batched here: only when that holds for every example). The smallest-L2
+that example, else bisected between the largest failing and the smallest succeeding c. An example's
+search step stops early when, at a check every num_steps // 10 steps, its loss has not gone below
+0.9999 times its value at the previous check (the reference checks its batch's summed loss, with a
+default batch of one example; here each example leaves the batch on its own). The smallest-L2
 adversarial seen at any step of any search step is kept ("adversarial" means misclassified with a margin
 of at least `confidence`). This is the reference code github.com/carlini/nn_robust_attacks l2_attack.py
 (including its last-step retry at the upper bound when binary_search_steps >= 10), untargeted.
@@ -49,6 +50,18 @@ def _succeeds(logits: torch.Tensor, y: torch.Tensor, confidence: float) -> torch
     return (logits + boost).argmax(1) != y
 
 
+def _adam_step(
+    w: torch.Tensor, grad: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], step: int, learning_rate: float
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One Adam update (torch.optim.Adam's, betas 0.9/0.999, eps 1e-8), written out so that the moments
+    can leave the batch with the examples that stop early."""
+    first, second = moments
+    first = 0.9 * first + 0.1 * grad
+    second = 0.999 * second + 0.001 * grad * grad
+    denom = (second.sqrt() / math.sqrt(1 - 0.999**step)).add_(1e-8)
+    return w - (learning_rate / (1 - 0.9**step)) * first / denom, (first, second)
+
+
 def _search_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -63,30 +76,41 @@ def _search_step(
     abort_early: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One binary-search step at constants `const` (N,): Adam on w from the clean image. Returns the
-    updated (best, best_norm) and which examples succeeded at any iterate of this step."""
-    w = torch.atanh((2 * x - 1) * _TANH_SHRINK).requires_grad_(True)
-    optimizer = torch.optim.Adam([w], lr=learning_rate)
+    updated (best, best_norm) and which examples succeeded at any iterate of this step.
+
+    Early abort is per example, as in the reference at its default batch size of 1: an example whose
+    loss stalled at a check leaves the batch (with its Adam moments), so the rest run on fewer."""
+    active = torch.arange(x.shape[0], device=x.device)
+    w = torch.atanh((2 * x - 1) * _TANH_SHRINK)
+    moments = (torch.zeros_like(w), torch.zeros_like(w))
     succeeded = torch.zeros_like(y, dtype=torch.bool)
     check_every = max(num_steps // 10, 1)
     previous = torch.full_like(const, math.inf)
+    # The examples still optimising, and their best so far (written back when they leave and at the end).
+    xa, ya, ca, best_a, norm_a, succeeded_a = x, y, const, best.clone(), best_norm.clone(), succeeded.clone()
     for step in range(num_steps):
+        w = w.detach().requires_grad_(True)
         with torch.enable_grad():
             x_adv = (torch.tanh(w) + 1) / 2
             logits = model(x_adv)
-            loss = (x_adv - x).flatten(1).pow(2).sum(1) + const * _hinge(logits, y, confidence)
+            loss = (x_adv - xa).flatten(1).pow(2).sum(1) + ca * _hinge(logits, ya, confidence)
             (grad,) = torch.autograd.grad(loss.sum(), w)
         with torch.no_grad():
+            x_adv, loss = x_adv.detach(), loss.detach()
+            fooled = _succeeds(logits.detach(), ya, confidence)
+            succeeded_a |= fooled
+            best_a, norm_a = keep_smaller(best_a, norm_a, x_adv, perturbation_norms(xa, x_adv, "l2"), fooled)
             if abort_early and step % check_every == 0:
                 # The one host sync of the loop, once per check (as the reference checks its loss).
-                if bool((loss > _ABORT_RATIO * previous).all()):
-                    break
-                previous = loss.detach()
-            x_adv = x_adv.detach()
-            fooled = _succeeds(logits.detach(), y, confidence)
-            succeeded |= fooled
-            best, best_norm = keep_smaller(best, best_norm, x_adv, perturbation_norms(x, x_adv, "l2"), fooled)
-        w.grad = grad
-        optimizer.step()
+                keep = ~(loss > _ABORT_RATIO * previous)
+                best[active], best_norm[active], succeeded[active] = best_a, norm_a, succeeded_a
+                if not bool(keep.any()):
+                    return best, best_norm, succeeded
+                previous, active, xa, ya, ca = loss[keep], active[keep], xa[keep], ya[keep], ca[keep]
+                best_a, norm_a, succeeded_a = best_a[keep], norm_a[keep], succeeded_a[keep]
+                w, grad, moments = w[keep], grad[keep], (moments[0][keep], moments[1][keep])
+            w, moments = _adam_step(w.detach(), grad, moments, step + 1, learning_rate)
+    best[active], best_norm[active], succeeded[active] = best_a, norm_a, succeeded_a
     return best, best_norm, succeeded
 
 

@@ -11,9 +11,10 @@ Defaults are the paper's: overshoot 0.02, at most 50 iterations, the 10 most lik
 logits; the true class and 9 others) as candidates. Popular libraries differ: IBM ART's `DeepFool` uses
 `epsilon=1e-6` as its overshoot and 100 iterations; foolbox 3's follow the paper (0.02, 50, 10).
 
-Batched: the whole batch moves at once; an example stops moving once it is fooled. One candidate's
-gradient for the whole batch is one autograd.grad of the summed differences (examples are independent
-with the model in eval mode), so an iteration costs num_candidates - 1 backward passes.
+Batched: the examples not yet fooled move at once (a fooled one leaves the batch). One candidate's
+gradient for the batch is one autograd.grad of the summed differences (examples are independent with
+the model in eval mode), so an iteration costs 1 forward and num_candidates - 1 backward passes over the
+examples still moving (foolbox 3 runs a forward pass per candidate and keeps fooled examples in the batch).
 
 DeepFool finds a small, not the smallest, perturbation. With eps=inf it returns the final iterate
 (adversarial where the prediction changed within num_steps); with a finite eps, the projection of that
@@ -97,13 +98,15 @@ def deepfool(
     others = ranked.topk(k - 1, dim=1).indices  # the k-1 most likely classes other than y
     r_total = torch.zeros_like(x)
     x_adv = x.detach().clone()
-    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    active = torch.arange(x.shape[0], device=x.device)  # still classified as y: the only ones that move
     for _ in range(num_steps):
-        differences, grads, predicted = _candidate_differences(model, x_adv, y, others)
-        active = active & (predicted == y)
-        if not bool(active.any()):  # one sync per iteration: stopping early is most of DeepFool's speed
+        differences, grads, predicted = _candidate_differences(model, x_adv[active], y[active], others[active])
+        still = predicted == y[active]
+        # One sync per iteration: stopping early, and computing only on the examples not yet fooled (a
+        # fooled example's gradients would be thrown away), is most of DeepFool's speed.
+        if not bool(still.any()):
             break
-        step = _step_to_boundary(differences, grads, norm)
-        r_total = r_total + step * _view(active.to(x.dtype), x)
-        x_adv = (x + (1 + overshoot) * r_total).clamp(0, 1)
+        active, differences, grads = active[still], differences[still], grads[still]
+        r_total[active] += _step_to_boundary(differences, grads, norm)
+        x_adv[active] = (x[active] + (1 + overshoot) * r_total[active]).clamp(0, 1)
     return within_eps(x, x_adv, eps=eps, norm=norm)
