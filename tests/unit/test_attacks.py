@@ -1,5 +1,6 @@
 """Attack contracts: eps-ball, [0,1], loss goes up, no parameter gradients, mode unchanged, strength."""
 
+import inspect
 import math
 
 import pytest
@@ -184,6 +185,11 @@ def test_square_schedule_halves_p():
     assert p_selection(0.8, 11, 10000) == 0.4
     assert p_selection(0.8, 600, 10000) == 0.05
     assert p_selection(0.8, 50, 100) == 0.8 / 128  # rescaled to the budget: 50/100 -> 5000/10000
+    # AutoAttack's standard Square (resc_schedule=False), our default: p follows the raw query index, so a
+    # 5000-query run ends at p_init / 128, not at the 10,000-query schedule's p_init / 512.
+    assert p_selection(0.8, 4999, 5000, rescale=False) == 0.8 / 128
+    assert p_selection(0.8, 600, 5000, rescale=False) == 0.8 / 32
+    assert inspect.signature(get_attack("square")).parameters["rescale_schedule"].default is False
 
 
 def test_losses():
