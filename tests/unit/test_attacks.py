@@ -188,7 +188,7 @@ def test_square_schedule_halves_p():
     # AutoAttack's standard Square (resc_schedule=False), our default: p follows the raw query index, so a
     # 5000-query run ends at p_init / 128, not at the 10,000-query schedule's p_init / 512.
     assert p_selection(0.8, 4999, 5000, rescale=False) == 0.8 / 128
-    assert p_selection(0.8, 600, 5000, rescale=False) == 0.8 / 32
+    assert p_selection(0.8, 600, 5000, rescale=False) == 0.8 / 16
     assert inspect.signature(get_attack("square")).parameters["rescale_schedule"].default is False
 
 
