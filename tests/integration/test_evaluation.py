@@ -35,7 +35,7 @@ def _evaluate_with_sanity(model, x, y, protocol="standard"):
 
 def test_gradient_masked_model_is_flagged_and_black_box_finds_it(digits_path, undefended):
     masked = nn.Sequential(RoundInput(), undefended).eval()
-    x, y = load_split(digits_path, "test", max_examples=200)
+    x, y = load_split(digits_path, "test", max_examples=100)
     _, sanity = _evaluate_with_sanity(masked, x, y)
     checks = sanity["checks"]
     assert not sanity["passed"]

@@ -83,13 +83,21 @@ def test_config_accepts_exactly_the_registered_plugin_names():
         eps = 0.1 if spec.adversarial else 0.0
         config = config_from_dict({"method": {"name": name}, "attack": {**attack, "eps": eps}})
         assert config.method.name == name
-    assert TRAINING_ATTACKS == ("fgsm", "pgd")
+    assert TRAINING_ATTACKS == ("fgsm", "pgd", "deepfool")
     for name in ATTACKS:
         if name in TRAINING_ATTACKS:
             assert config_from_dict({"attack": {"name": name, "num_steps": 1}}).attack.name == name
         else:
             with pytest.raises(ConfigError, match="not a registered training attack"):
                 config_from_dict({"attack": {"name": name}})
+
+
+def test_an_attack_option_the_training_attack_does_not_take_is_refused_not_ignored():
+    """DeepFool has no step size, random start or restarts: setting one is an error naming the key."""
+    assert config_from_dict({"attack": {"name": "deepfool", "num_steps": 20}}).attack.num_steps == 20
+    for key, value in (("random_start", False), ("step_size_factor", 1.0), ("num_restarts", 2), ("step_size", 0.1)):
+        with pytest.raises(ConfigError, match=rf"does not take attack\.{key}"):
+            config_from_dict({"attack": {"name": "deepfool", key: value}})
 
 
 def test_overrides_parse_toml_literals():

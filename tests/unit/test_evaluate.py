@@ -170,19 +170,21 @@ def test_minimal_protocol_measures_each_examples_smallest_perturbation(digits_pa
     """`minimal`: DeepFool, FMN and FAB-T run unbounded on every clean-correct example; the best of them
     is each example's smallest adversarial perturbation, and the accuracy curve read off it agrees with
     the fixed-eps cascade at the threat model's eps (the sanity check that compares the two passes)."""
+    # eps 0.2: the cascade breaks nearly every example with its first attacks (the rest skip), so the
+    # test's time goes to the minimal-norm attacks it is about.
     x, y = load_split(digits_path, "test", max_examples=32)
-    result = evaluate_examples(undefended, x, y, norm="linf", eps=0.1, protocol="minimal", seed=0, chunk_size=32)
+    result = evaluate_examples(undefended, x, y, norm="linf", eps=0.2, protocol="minimal", seed=0, chunk_size=32)
     assert set(result.min_norms) == {"deepfool", "fmn", "fab_t"}
     best, clean = result.min_norm, result.clean_correct
     assert torch.isfinite(best[clean]).all() and (best[clean] > 0).all() and (best[~clean] == 0).all()
     assert (best <= torch.stack(list(result.min_norms.values()))).all()
     rep = report(
-        result, sanity=None, protocol="minimal", norm="linf", eps=0.1, seed=0, model_info={}, data_info={}, seconds=1.0
+        result, sanity=None, protocol="minimal", norm="linf", eps=0.2, seed=0, model_info={}, data_info={}, seconds=1.0
     )
     minimal = rep["minimal"]
-    assert minimal["accuracy_at_eps"] == pytest.approx(float((best > 0.1).float().mean()))
+    assert minimal["accuracy_at_eps"] == pytest.approx(float((best > 0.2).float().mean()))
     assert 0.0 < minimal["median_norm"] < 0.2  # an undefended digits model: small perturbations suffice
-    inputs = SanityInputs(undefended, x, y, "linf", 0.1, 0, 0.1, result, ["apgd_ce"])
+    inputs = SanityInputs(undefended, x, y, "linf", 0.2, 0, 0.1, result, ["apgd_ce"])
     assert minimal_agrees_with_fixed_eps(inputs)["passed"]
     assert rep["robust_accuracy"] <= min(minimal["accuracy_at_eps"], rep["robust_accuracy_protocol"])
 
