@@ -14,6 +14,7 @@ from pipeline.evaluate import (
     PROTOCOLS,
     TRANSFER_ATTACKS,
     ChunkResult,
+    mcnemar_disagree,
     wilson_interval,
     worst_case,
 )
@@ -52,6 +53,10 @@ def _minimal_summary(result: ChunkResult, *, norm: str, eps: float) -> dict[str,
         },
         "accuracy_at_eps": float((best > eps).float().mean()),
         "fixed_eps_accuracy": float(result.robust.float().mean()),
+        # Both are upper bounds; a minimal pass significantly above the cascade is the looser one here.
+        "looser_than_cascade": bool(
+            (best > eps).float().mean() > result.robust.float().mean() and mcnemar_disagree(best > eps, result.robust)
+        ),
         "curve": [{"eps": e, "accuracy": float((best > e).float().mean())} for e in grid],
     }
 

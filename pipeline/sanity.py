@@ -198,19 +198,25 @@ def gradients_finite_nonzero(inputs: SanityInputs) -> dict[str, Any]:
 
 def minimal_agrees_with_fixed_eps(inputs: SanityInputs) -> dict[str, Any] | None:
     """`--protocol minimal`: the robust accuracy at eps read off the minimal-norm pass and the fixed-eps
-    cascade's are both upper bounds of the true one; a gap beyond sampling noise (McNemar on the paired
-    examples) means one family of attacks is weak on this model, or its gradients are masked."""
+    cascade's are both upper bounds of the true one. When the minimal-norm attacks break more examples
+    within eps than the cascade, beyond sampling noise (McNemar on the paired examples), the cascade is
+    weak on this model or its gradients are masked: the check fails. The other direction (the minimal-norm
+    attacks weaker, common on adversarially trained models under Linf) leaves the reported worst case
+    untouched and is shown as `minimal.looser_than_cascade`, not flagged."""
     result = inputs.result
     if result.min_norm is None:
         return None
     by_minimal, by_cascade = result.min_norm > inputs.eps, result.robust
+    only_minimal = int((by_cascade & ~by_minimal).sum())
+    only_cascade = int((by_minimal & ~by_cascade).sum())
     return {
         "accuracy_minimal_at_eps": float(by_minimal.float().mean()),
         "accuracy_fixed_eps": float(by_cascade.float().mean()),
-        "only_minimal_broke": int((by_cascade & ~by_minimal).sum()),
-        "only_fixed_eps_broke": int((by_minimal & ~by_cascade).sum()),
-        "passed": not mcnemar_disagree(by_minimal, by_cascade),
-        "rule": "minimal-norm and fixed-eps robust accuracy at eps agree within sampling noise (McNemar, 95%)",
+        "only_minimal_broke": only_minimal,
+        "only_fixed_eps_broke": only_cascade,
+        "passed": not (mcnemar_disagree(by_minimal, by_cascade) and only_minimal > only_cascade),
+        "rule": "the minimal-norm pass breaks no more examples within eps than the fixed-eps cascade, beyond "
+        "sampling noise (McNemar, 95%)",
     }
 
 
