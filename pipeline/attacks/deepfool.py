@@ -31,10 +31,6 @@ from pipeline.attacks.minimal import check_norm, within_eps
 from pipeline.attacks.pgd import Norm
 
 
-def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (like.dim() - 1)))
-
-
 def _candidate_differences(
     model: nn.Module, point: torch.Tensor, y: torch.Tensor, others: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
