@@ -336,6 +336,13 @@ class ScalingConfig(_Component):
         default=False,
         description="One GPU per worker (nccl collectives); false: CPU workers (gloo).",
     )
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="BatchNorm statistics over the global batch (torch SyncBatchNorm) instead of each GPU's "
+        "shard: for small per-GPU batches. GPU workers only (use_gpu = true). Its training forwards all-reduce, "
+        "so attacks must run in eval mode (method.attack_mode = 'eval', the default): each rank's attack takes "
+        "its own number of forwards.",
+    )
     cpus_per_worker: float = Field(
         default=1.0,
         gt=0.0,
@@ -438,6 +445,17 @@ class Config(_Component):
             raise ValueError(
                 f"method.awp_gamma applies to {takes}, not {self.method.name} (its replays step weights and "
                 "perturbation from one backward): set method.awp_gamma = 0 or change method.name"
+            )
+        if self.scaling.sync_batchnorm and not self.scaling.use_gpu:
+            raise ValueError(
+                "scaling.sync_batchnorm = true needs GPU workers (torch's SyncBatchNorm syncs CUDA tensors only): set "
+                "scaling.use_gpu = true, or scaling.sync_batchnorm = false"
+            )
+        if self.scaling.sync_batchnorm and self.method.attack_mode == "train":
+            raise ValueError(
+                "scaling.sync_batchnorm = true with method.attack_mode = 'train': a train-mode attack forward "
+                "all-reduces BatchNorm statistics, and ranks take different numbers of attack steps (a hang). "
+                "Set method.attack_mode = 'eval'"
             )
         if self.optim.backbone_lr_scale < 1.0 and not self.model.reset_head:
             raise ValueError(

@@ -19,9 +19,10 @@ from pipeline.data.images import decode_rows
 
 
 def load_split(
-    path: str | Path, split: str, *, max_examples: int = 0, verify_checksum: bool = True
+    path: str | Path, split: str, *, max_examples: int = 0, verify_checksum: bool = True, as_uint8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in memory: x float32 (N,C,H,W) in [0,1], y int64 (N,). Validates every file."""
+    """A whole split in memory: x float32 (N,C,H,W) in [0,1] (`as_uint8`: the stored uint8 pixels, a
+    quarter of the bytes, for a loader that converts per batch), y int64 (N,). Validates every file."""
     info = read_metadata(path)
     if split not in info.splits:
         raise DataError(f"{info.path}: no split '{split}' (have {list(info.splits)})")
@@ -38,7 +39,8 @@ def load_split(
     y = np.concatenate(labels)
     if max_examples:
         x, y = x[:max_examples], y[:max_examples]
-    return to_float(x), torch.from_numpy(y)
+    images = torch.from_numpy(np.ascontiguousarray(x)) if as_uint8 else to_float(x)
+    return images, torch.from_numpy(y)
 
 
 def decode_columns(

@@ -11,7 +11,14 @@ first layer, so everything outside a model is pixel space [0,1].
 
 from pipeline.models.builtin import ACTIVATIONS, MODELS, Normalize
 from pipeline.models.pretrained import load_pretrained, weights_fit_problems
-from pipeline.models.record import ARCH_KEYS, architecture, build_model, check_architecture, head_parameter_names
+from pipeline.models.record import (
+    ARCH_KEYS,
+    architecture,
+    build_model,
+    check_architecture,
+    head_parameter_names,
+    input_memory_format,
+)
 from pipeline.models.user import check_outputs, code_location, is_import_path
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "check_outputs",
     "code_location",
     "head_parameter_names",
+    "input_memory_format",
     "is_import_path",
     "load_pretrained",
     "weights_fit_problems",

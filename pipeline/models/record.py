@@ -101,6 +101,18 @@ def _build_builtin(arch: dict[str, Any]) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """The memory format inputs should have for `model`: channels_last when its first conv weight is
+    stored channels_last (the built-ins). An NCHW input to NHWC weights is converted by every forward,
+    every attack step's included; converting each batch once saves that."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            weight = module.weight
+            nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+            return torch.channels_last if nhwc else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def _replace_head(network: nn.Module, path: str, num_classes: int) -> None:
     """model.reset_head: the nn.Linear at `path` (a module path in the network) replaced by a freshly
     initialised one with `num_classes` outputs, for fine-tuning on a new set of classes."""

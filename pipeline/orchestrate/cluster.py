@@ -7,6 +7,7 @@ import os
 import socket
 
 import ray
+import torch
 
 from pipeline.config import Config, ConfigError
 
@@ -65,6 +66,46 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def capacity() -> dict[str, float]:
+    """What the connected cluster can offer: its resources now, or more where an autoscaler may add nodes
+    (the largest its node groups can grow to, which Ray's autoscaler v2 publishes: KubeRay's GPU group
+    scales from zero, so "no GPU now" is no reason to refuse)."""
+    resources = dict(ray.cluster_resources())
+    try:
+        # Private, and the only place Ray exposes the autoscaler's limits; any failure means "none".
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        most = {}
+    for key, value in most.items():
+        resources[key] = max(resources.get(key, 0.0), float(value))
+    return resources
+
+
+def check_gpus(config: Config, address: str | None = None) -> None:
+    """scaling.use_gpu asks one GPU per worker: refuse a cluster that cannot ever offer that many, before
+    anything is recorded (Ray Train would otherwise wait for the workers until it times out). Before Ray
+    starts, a local instance's GPUs are this machine's; a cluster at an address is checked once connected."""
+    if not config.scaling.use_gpu:
+        return
+    if ray.is_initialized():
+        have = capacity().get("GPU", 0.0)
+    elif address or os.environ.get("RAY_ADDRESS"):
+        return
+    else:
+        have = float(torch.cuda.device_count())
+    need = config.scaling.num_workers
+    if have >= need:
+        return
+    fix = f"set scaling.num_workers = {int(have)}" if have >= 1 else "set scaling.use_gpu = false"
+    raise ConfigError(
+        f"scaling.use_gpu = true with scaling.num_workers = {need} needs {need} GPUs (one per worker), but this "
+        f"Ray cluster has {have:g} and no autoscaler that adds more: {fix}, or connect to a cluster with GPU "
+        "nodes (--ray-address / RAY_ADDRESS)"
+    )
 
 
 def check_ray_data_cpus(config: Config) -> None:

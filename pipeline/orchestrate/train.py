@@ -10,6 +10,7 @@ exactly one value per epoch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, flat_params, to_toml
 from pipeline.errors import checked_name
-from pipeline.orchestrate.cluster import TRIAL_DRIVER_RESOURCE, check_ray_data_cpus, init_ray
+from pipeline.orchestrate.cluster import TRIAL_DRIVER_RESOURCE, check_gpus, check_ray_data_cpus, init_ray
 from pipeline.orchestrate.model_setup import ModelSetup, check_model
 from pipeline.orchestrate.storage import (
     FINISHED_MARKER,
@@ -143,6 +144,19 @@ def _open_mlflow_run(run: _Run, uri: str, *, parent_run_id: str | None, extra_ta
     )
 
 
+# Variables the training workers get from the driver's environment: NCCL's and torch's NCCL settings
+# (interface, InfiniBand, debug level, timeouts) are per cluster, and the process group reads them at start,
+# before the worker function could set them.
+FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "CUDA_DEVICE_MAX_CONNECTIONS")
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The training workers' environment variables: ours, plus every NCCL setting of the driver's."""
+    environ = dict(os.environ) if environ is None else environ
+    forwarded = {key: value for key, value in environ.items() if key.startswith(FORWARDED_ENV_PREFIXES)}
+    return {**forwarded, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
 def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | None) -> TorchTrainer:
     config = run.config
     datasets = None
@@ -171,7 +185,7 @@ def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train's per-report INFO lines drown the per-epoch progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}},
+            worker_runtime_env={"env_vars": worker_env()},
             callbacks=callbacks or None,
         ),
         datasets=datasets,
@@ -202,11 +216,13 @@ def run_training(
     """
     started, started_unix = time.perf_counter(), time.time()
     base = Path(cwd or Path.cwd())
+    check_gpus(config, ray_address)  # a local instance's GPUs are known before anything starts
     run = _resolve_run(config, config_name=config_name, resume=resume, base=base)
     config = run.config
     uri = tracking.resolve_tracking_uri(config.tracking.uri, cwd=base)
     tracking.client_for(uri)  # an unreachable server is named before Ray starts
     init_ray(ray_address, num_cpus=num_cpus)
+    check_gpus(config, ray_address)  # a cluster's, once connected; before the MLflow run records anything
     run_id, mlflow_resumed = _open_mlflow_run(run, uri, parent_run_id=parent_run_id, extra_tags=extra_tags)
     info, arch = run.info, run.arch
     resumed_note = " (resumed)" if run.state == "resumable" else ""

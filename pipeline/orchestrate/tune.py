@@ -28,6 +28,7 @@ from pipeline.models.user import located_code, pack_code, unpack_code
 
 # load_search and format_table are re-exported: the CLI's `tune` command reads the search file and
 # prints the table through this module.
+from pipeline.orchestrate.cluster import capacity
 from pipeline.orchestrate.search_report import SearchSummary, report_search
 from pipeline.orchestrate.search_report import format_table as format_table
 from pipeline.orchestrate.train import (
@@ -156,7 +157,7 @@ def _driver_resources() -> dict[str, float]:
 def _concurrency(config: Config, settings: SearchSettings, driver: dict[str, float]) -> int:
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
-    resources = ray.cluster_resources()
+    resources = capacity()  # with an autoscaler, what it can grow to: trials wait for their nodes
     per_trial_cpu = config.scaling.num_workers * config.scaling.cpus_per_worker + driver["cpu"]
     fits = int(resources.get("CPU", 0) // per_trial_cpu)
     if config.scaling.use_gpu:

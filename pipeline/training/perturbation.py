@@ -18,7 +18,7 @@ def perturb_weights(
     perturbation helps robust generalization"): move every conv / linear weight of `network` (the
     tensors with more than one dimension; biases and norm scales stay) by `gamma` times its own norm
     along the gradient of `loss_fn()`, the method's loss on its adversarial examples. Returns the
-    (weight, shift) pairs to undo with `restore_weights` once the backward is done.
+    (weight, saved copy) pairs that `restore_weights` copies back once the backward is done.
 
     One gradient-ascent step, normalised per layer, is what the paper's proxy model computes. The pass
     runs in train mode, as there; BatchNorm running statistics are put back so it leaves no trace.
@@ -28,7 +28,7 @@ def perturb_weights(
     buffers = [buffer.clone() for buffer in network.buffers()]
     loss = loss_fn()
     grads = torch.autograd.grad(loss, weights, allow_unused=True)
-    shifts = []
+    originals = []
     with torch.no_grad():
         for buffer, saved in zip(network.buffers(), buffers, strict=True):
             buffer.copy_(saved)
@@ -36,25 +36,28 @@ def perturb_weights(
             if grad is None:
                 continue
             grad = grad.float()
-            shift = grad * (gamma * weight.norm() / (grad.norm() + 1e-20))
-            weight.add_(shift)
-            shifts.append((weight, shift))
+            # The unperturbed weight is kept, not the shift: (w + s) - s != w in floating point, and each
+            # rank's s differs, so subtracting would let DDP replicas drift apart with nothing resyncing them.
+            originals.append((weight, weight.detach().clone()))
+            weight.add_(grad * (gamma * weight.norm() / (grad.norm() + 1e-20)))
     # Under autocast the bf16 copies of the weights are cached until the autocast region ends, and the
     # cache does not see in-place changes: without this the method's loss would be taken at the
     # unperturbed weights in bf16 (AWP silently off).
     torch.clear_autocast_cache()
-    return shifts
+    return originals
 
 
-def restore_weights(shifts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def restore_weights(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Undo `perturb_weights`. The training loop does it between the backward and the optimizer step, as SAM
     does (Foret et al. 2021): the gradient is the perturbed point's, the step (weight decay and momentum
     included) starts from the unperturbed weights. Wu et al. undo after the step; that differs by
     lr x weight_decay x shift, and under DDP, where each rank perturbs along its own shard's gradient,
-    it would let the replicas drift apart by that much every step."""
+    it would let the replicas drift apart by that much every step. The restore is a copy, exact to the
+    bit, so identical replicas before the perturbation are identical after it."""
+    if not saved:
+        return
     with torch.no_grad():
-        for weight, shift in shifts:
-            weight.sub_(shift)
+        torch._foreach_copy_([weight for weight, _ in saved], [copy for _, copy in saved])
 
 
 def weight_perturbation_gamma(method: MethodConfig, epoch: int) -> float:

@@ -65,7 +65,9 @@ class Trainer:
     def _load_data(self) -> None:
         config, world = self.config, self.world
         if self.loader == "memory":
-            self.x_train, self.y_train = data_lib.load_split(config.data.path, "train")
+            # uint8 on the GPU when it fits (pinned host memory otherwise), made float per batch.
+            x_train, y_train = data_lib.load_split(config.data.path, "train", as_uint8=True)
+            self.x_train, self.y_train = steps.place_split(x_train, y_train, world.device)
             self.num_train = len(self.y_train)
         else:
             self.num_train = data_lib.read_metadata(config.data.path).num_rows("train")
@@ -79,6 +81,12 @@ class Trainer:
         model = build_model(self.arch)
         if config.model.init:  # a local .safetensors file: the driver resolves models:/ and runs:/ URIs
             load_pretrained(model, config.model.init, arch=self.arch)
+        if config.scaling.sync_batchnorm and world.world_size > 1:
+            # Same parameters and buffers, so checkpoints and the registered weights are a BatchNorm's.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if world.device.type == "cuda":
+            # Fixed input shapes: cuDNN benchmarks each conv's algorithms once and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
         self.model = world.prepare_model(model)
         network = self.model.module if hasattr(self.model, "module") else self.model  # unwrapped: no DDP hooks
         # The weight average: a copy on every rank, identical across ranks because DDP keeps the trained

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks import pgd
+from pipeline.models import input_memory_format
 
 
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -15,7 +16,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             out.append(model(x[start : start + batch_size].to(device)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device="cpu")
 
 
 def clean_and_robust_correct(
@@ -38,14 +39,16 @@ def clean_and_robust_correct(
     """
     was_training = model.training
     model.eval()
-    clean = robust = 0.0
+    layout = input_memory_format(model)
+    clean = torch.zeros((), dtype=torch.int64, device=device)  # on the device: one read-back at the end
+    robust = torch.zeros((), dtype=torch.int64, device=device)
     try:
         for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size].to(device)
+            xb = x[start : start + batch_size].to(device).contiguous(memory_format=layout)
             yb = y[start : start + batch_size].to(device)
             with torch.no_grad():
                 ok = model(xb).argmax(1) == yb
-            clean += float(ok.sum())
+            clean += ok.sum()
             if eps > 0:
                 x_adv = pgd(
                     model,
@@ -60,10 +63,10 @@ def clean_and_robust_correct(
                 )
                 with torch.no_grad():
                     ok = ok & (model(x_adv).argmax(1) == yb)
-            robust += float(ok.sum())
+            robust += ok.sum()
     finally:
         model.train(was_training)
-    return {"clean_correct": clean, "robust_correct": robust, "count": float(len(x))}
+    return {"clean_correct": float(clean), "robust_correct": float(robust), "count": float(len(x))}
 
 
 def pgd20_correct(
@@ -83,5 +86,5 @@ def pgd20_correct(
         num_restarts=1,
         batch_size=500,
         device=device,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=device).manual_seed(0),
     )

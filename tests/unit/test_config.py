@@ -57,6 +57,11 @@ def test_toml_round_trip(tmp_path):
         ({"attack": {"eps": 0.0}}, "attack.eps is 0"),
         ({"tracking": {"alias": "champion"}}, "only `advtrain promote` sets it"),
         ({"run": {"weight_average_decay": 1.0}}, "run.weight_average_decay: Input should be less than 1"),
+        ({"scaling": {"sync_batchnorm": True}}, "set scaling.use_gpu = true"),
+        (
+            {"scaling": {"sync_batchnorm": True, "use_gpu": True}, "method": {"attack_mode": "train"}},
+            "Set method.attack_mode = 'eval'",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(raw, expected):

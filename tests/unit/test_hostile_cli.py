@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import cli
 from pipeline.config import ConfigError, load_config
@@ -426,3 +427,13 @@ def test_a_transfer_surrogate_for_other_images_is_refused_before_anything_starts
     code, text = _run(capsys, *base, "--transfer-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert code == cli.EXIT_BAD_INPUT and "nothing" in text, text
     assert ray.is_initialized() == ray_before and not (tmp_path / "out").exists()
+
+
+def test_more_gpu_workers_than_gpus_exit_2_before_anything_starts(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    workers = torch.cuda.device_count() + 1  # one more than this machine has (none here)
+    code, text = _train(capsys, tmp_path, "scaling.use_gpu=true", f"scaling.num_workers={workers}")
+    assert code == cli.EXIT_BAD_INPUT, text
+    assert "scaling.use_gpu" in text and f"needs {workers} GPUs" in text and "Traceback" not in text
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()
