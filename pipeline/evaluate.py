@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.attacks import get_attack
 from pipeline.attacks.minimal import perturbation_norms
+from pipeline.models import input_memory_format
 
 # AutoAttack's "standard" version (Croce & Hein 2020), each attack on the points still robust.
 STANDARD = [
@@ -78,6 +79,8 @@ class ChunkResult:
     min_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     # transfer attack -> bool (n,): the target still correct on the surrogate's adversarial (False: clean-wrong)
     transfer_correct: dict[str, torch.Tensor] = field(default_factory=dict)
+    # where it ran (`device_description`); a merged result lists each distinct one
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def robust(self) -> torch.Tensor:
@@ -95,6 +98,36 @@ def model_device(model: Callable, fallback: torch.device) -> torch.device:
     parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
     first = next(parameters, None)
     return first.device if first is not None else fallback
+
+
+def evaluation_numerics(*, deterministic: bool = False) -> None:
+    """This process's numerics for evaluation: fp32 without TF32 (cuDNN and cuBLAS use TF32 on
+    Ampere/Hopper by default, 10 mantissa bits: an attack's small steps then move less than they
+    should); `deterministic`: deterministic kernels, no cuDNN autotuning (the same numbers run to run on
+    one GPU, slower; cuBLAS also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def device_description(device: torch.device) -> dict[str, Any]:
+    """Where an evaluation ran and with which numerics: recorded in the report beside the numbers."""
+    described: dict[str, Any] = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        described.update(
+            name=torch.cuda.get_device_name(device), capability=f"{major}.{minor}", cuda=torch.version.cuda
+        )
+    else:
+        described.update(name="cpu", threads=torch.get_num_threads())
+    return described
 
 
 def worst_case(result: ChunkResult, *, eps: float, extra_broken: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,7 +225,7 @@ def evaluate_chunk(
         raise ValueError(f"unknown protocol '{protocol}'; allowed: {', '.join(PROTOCOLS)}")
     device = device or model_device(model, x.device)
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
-    x, y = x.to(device), y.to(device)
+    x, y = x.to(device).contiguous(memory_format=input_memory_format(model)), y.to(device)
     with torch.no_grad():
         predicted = model(x).argmax(1)
     clean = predicted == y
@@ -207,7 +240,15 @@ def evaluate_chunk(
         seconds.update(spent)
     grid = out["x_final"][: NUM_GRID_EXAMPLES - start].cpu() if start < NUM_GRID_EXAMPLES else None
     return ChunkResult(
-        start, clean.cpu(), out["robust_after"], predicted.cpu(), grid, seconds, min_norms, transfer_correct
+        start,
+        clean.cpu(),
+        out["robust_after"],
+        predicted.cpu(),
+        grid,
+        seconds,
+        min_norms,
+        transfer_correct,
+        [device_description(device)],
     )
 
 
@@ -215,6 +256,7 @@ def merge(chunks: list[ChunkResult]) -> ChunkResult:
     """Chunks (any order) -> one result over all examples, in index order."""
     chunks = sorted(chunks, key=lambda c: c.start)
     grids = [c.grid_x_adv for c in chunks if c.grid_x_adv is not None]
+    all_devices = [d for c in chunks for d in c.devices]
     seconds = {n: sum(c.seconds.get(n, 0.0) for c in chunks) for n in chunks[0].seconds}
 
     def joined(field_name: str) -> dict[str, torch.Tensor]:
@@ -230,6 +272,7 @@ def merge(chunks: list[ChunkResult]) -> ChunkResult:
         seconds=seconds,
         min_norms=joined("min_norms"),
         transfer_correct=joined("transfer_correct"),
+        devices=[d for i, d in enumerate(all_devices) if d not in all_devices[:i]],
     )
 
 

@@ -135,6 +135,12 @@ class NormChoice(StrEnum):
     l2 = "l2"
 
 
+class DeviceChoice(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @app.command("evaluate")
 def evaluate(
     model: Annotated[
@@ -172,6 +178,15 @@ def evaluate(
         str | None,
         typer.Option(help="A surrogate model URI: its PGD and MI-FGSM examples at the same eps, scored on --model."),
     ] = None,
+    device: Annotated[
+        DeviceChoice, typer.Option(help="auto: GPU tasks where the Ray cluster has GPUs, else CPU tasks.")
+    ] = DeviceChoice.auto,
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Examples per Ray task (default 64 on CPUs, 500 on GPUs); seeds follow chunks.")
+    ] = None,
+    deterministic: Annotated[
+        bool, typer.Option(help="Deterministic kernels: the same numbers on every run on one GPU (slower).")
+    ] = False,
 ) -> None:
     """Robust accuracy under an attack ensemble, sharded over Ray, with sanity checks and a report.
 
@@ -196,5 +211,8 @@ def evaluate(
         weights=str(weights) if weights else None,
         overrides=overrides or [],
         transfer_from=transfer_from,
+        device=device.value,
+        chunk_size=chunk_size,
+        deterministic=deterministic,
     )
     typer.echo(summary_text(model, rep))

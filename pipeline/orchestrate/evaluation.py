@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,11 @@ import torch
 from pipeline import data as data_lib
 from pipeline.card import write_card
 from pipeline.errors import InputError
-from pipeline.evaluate import PROTOCOLS, ChunkResult, evaluate_chunk, merge, per_example
+from pipeline.evaluate import PROTOCOLS, ChunkResult, evaluate_chunk, evaluation_numerics, merge, per_example
 from pipeline.evaluation_report import plot_curve, plot_examples, plot_minimal_curve, report
 from pipeline.models import build_model, is_import_path
 from pipeline.models.user import pack_code, unpack_code
-from pipeline.orchestrate.cluster import init_ray
+from pipeline.orchestrate.cluster import capacity, init_ray
 from pipeline.orchestrate.model_setup import external_model
 from pipeline.sanity import extra_broken, sanity_checks
 from pipeline.tracking import model_store
@@ -35,34 +37,86 @@ from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 
+DEVICES = ("auto", "cpu", "cuda")
 
-def _rebuild(arch: dict[str, Any], state: dict[str, torch.Tensor], code: dict | None) -> torch.nn.Module:
+
+def _rebuild(
+    arch: dict[str, Any], state: dict[str, torch.Tensor], code: dict | None, *, deterministic: bool = False
+) -> torch.nn.Module:
+    """The model in this task's process, in eval mode, on the GPU Ray gave the task (else the CPU)."""
     torch.set_num_threads(1)  # one task per CPU; same numerics on every worker
+    evaluation_numerics(deterministic=deterministic)
     if code is not None:
         unpack_code(code)  # a user model's package, sent with the weights
     model = build_model(arch)
     model.load_state_dict(state)
-    return model.eval()
+    # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU: it is cuda:0 here.
+    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    return model.to(device).eval()
 
 
 @ray.remote(num_cpus=1)
-def _chunk_task(model_ref, x, y, *, start, norm, eps, protocol, seed, surrogate_ref=None) -> ChunkResult:
-    model = _rebuild(*model_ref)
-    surrogate = _rebuild(*surrogate_ref) if surrogate_ref is not None else None
+def _chunk_task(model_ref, x, y, *, start, norm, eps, protocol, seed, surrogate_ref=None, deterministic=False):
+    model = _rebuild(*model_ref, deterministic=deterministic)
+    surrogate = _rebuild(*surrogate_ref, deterministic=deterministic) if surrogate_ref is not None else None
     return evaluate_chunk(
         model, x, y, start=start, norm=norm, eps=eps, protocol=protocol, seed=seed, surrogate=surrogate
     )
 
 
 @ray.remote(num_cpus=1)
-def _sanity_task(model_ref, x, y, **kwargs) -> dict[str, Any]:
-    return sanity_checks(_rebuild(*model_ref), x, y, **kwargs)
+def _sanity_task(model_ref, x, y, *, deterministic=False, **kwargs) -> dict[str, Any]:
+    return sanity_checks(_rebuild(*model_ref, deterministic=deterministic), x, y, **kwargs)
+
+
+# A GPU task takes bigger chunks (a few large batches keep a GPU busy; 64 would leave it idle) and half a
+# GPU, so two tasks overlap one's host work (launches, the cascade's bookkeeping) with the other's kernels.
+CPU_CHUNK_SIZE, GPU_CHUNK_SIZE, GPUS_PER_TASK = 64, 500, 0.5
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the evaluation's tasks run: `device` "cpu" or "cuda", their chunk size and Ray options."""
+
+    device: str
+    chunk_size: int
+    deterministic: bool
+
+    def options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_gpus": GPUS_PER_TASK} if self.device == "cuda" else {}
+        if self.deterministic and self.device == "cuda":
+            # cuBLAS reads it when CUDA starts in the task's process: a fresh worker with this environment.
+            options["runtime_env"] = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}}
+        return options
+
+
+def placement(device: str, *, chunk_size: int | None, deterministic: bool) -> Placement:
+    """--device auto: GPU tasks when the connected cluster has (or its autoscaler can add) GPUs."""
+    gpus = capacity().get("GPU", 0.0)
+    if device == "cuda" and gpus <= 0:
+        raise InputError("--device cuda: this Ray cluster has no GPU; use --device auto or cpu")
+    chosen = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+    default = GPU_CHUNK_SIZE if chosen == "cuda" else CPU_CHUNK_SIZE
+    return Placement(chosen, chunk_size or default, deterministic)
 
 
 def check_evaluation_request(
-    *, split: str, eps: float | None, num_examples: int, out_dir: str | Path | None, protocol: str = "standard"
+    *,
+    split: str,
+    eps: float | None,
+    num_examples: int,
+    out_dir: str | Path | None,
+    protocol: str = "standard",
+    device: str = "auto",
+    chunk_size: int | None = None,
 ) -> None:
     """Refuse an impossible request before anything is loaded or started (InputError naming the option)."""
+    if device not in DEVICES:
+        raise InputError(f"--device {device!r}: use one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+        raise InputError("--device cuda: this machine has no CUDA device; use --device auto or cpu")
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"--chunk-size {chunk_size}: examples per task, at least 1")
     if split not in data_lib.SPLITS:
         raise InputError(f"--split {split!r}: use one of {', '.join(data_lib.SPLITS)}")
     if protocol not in PROTOCOLS:
@@ -107,13 +161,14 @@ def _resolved(
     return model_store.ResolvedModel(model, arch["weights_sha256"], arch)
 
 
-def _evaluate_sharded(model_ref, x, y, *, chunk_size: int, progress: bool, **attack) -> ChunkResult:
+def _evaluate_sharded(model_ref, x, y, *, where: Placement, progress: bool, **attack) -> ChunkResult:
     """Every chunk of examples as a Ray task, merged per example."""
+    size, task = where.chunk_size, _chunk_task.options(**where.options())
     pending = [
-        _chunk_task.remote(model_ref, x[s : s + chunk_size], y[s : s + chunk_size], start=s, **attack)
-        for s in range(0, len(y), chunk_size)
+        task.remote(model_ref, x[s : s + size], y[s : s + size], start=s, deterministic=where.deterministic, **attack)
+        for s in range(0, len(y), size)
     ]
-    return merge(_gather(pending, total=len(y), chunk_size=chunk_size, progress=progress))
+    return merge(_gather(pending, total=len(y), chunk_size=size, progress=progress))
 
 
 def _write_report(rep: dict[str, Any], result: ChunkResult, sanity, x, y, info, out: Path, *, norm, eps) -> None:
@@ -223,7 +278,7 @@ def run_evaluation(
     num_examples: int = 1000,
     protocol: str = "standard",
     seed: int = 0,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     out_dir: str | Path | None = None,
     tracking_uri: str | None = None,
     run_sanity: bool | None = None,
@@ -232,6 +287,8 @@ def run_evaluation(
     weights: str | None = None,
     overrides: list[str] | None = None,
     transfer_from: str | None = None,
+    device: str = "auto",
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """Evaluate on the Ray cluster at `ray_address` (else the connected one, RAY_ADDRESS or a local
     instance, started once the model and data are checked); returns the report (also in `out_dir`, with
@@ -240,9 +297,19 @@ def run_evaluation(
     `model_uri` is a model URI or folder, or, with `weights` (a .safetensors file), a built-in name or the
     user's package.module:function (`overrides`: model.* keys such as model.kwargs.depth=3) evaluated on
     `data_path`: a model advtrain never trained. `transfer_from`: a surrogate model URI whose PGD and
-    MI-FGSM examples are scored on this model too (sanity runs for standard and minimal by default)."""
+    MI-FGSM examples are scored on this model too (sanity runs for standard and minimal by default).
+    `device`: auto (GPU tasks where the cluster has GPUs), cpu or cuda; `chunk_size`: examples per task
+    (default 64 on CPUs, 500 on GPUs); `deterministic`: deterministic kernels (the report says which)."""
     started = time.perf_counter()
-    check_evaluation_request(split=split, eps=eps, num_examples=num_examples, out_dir=out_dir, protocol=protocol)
+    check_evaluation_request(
+        split=split,
+        eps=eps,
+        num_examples=num_examples,
+        out_dir=out_dir,
+        protocol=protocol,
+        device=device,
+        chunk_size=chunk_size,
+    )
     resolved = _resolved(
         model_uri, weights=weights, overrides=overrides or [], data_path=data_path, tracking_uri=tracking_uri
     )
@@ -256,16 +323,20 @@ def run_evaluation(
     surrogate = _surrogate(transfer_from, data_path, info, tracking_uri or resolved.tracking_uri)
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
     init_ray(ray_address)  # only now: every input above is checked without starting anything
+    where = placement(device, chunk_size=chunk_size, deterministic=deterministic)
 
     model_ref = _model_ref(resolved)
     surrogate_ref = _model_ref(surrogate) if surrogate is not None else None
     attack = {"norm": norm, "eps": eps, "protocol": protocol, "seed": seed}
-    result = _evaluate_sharded(
-        model_ref, x, y, chunk_size=chunk_size, progress=progress, surrogate_ref=surrogate_ref, **attack
-    )
+    result = _evaluate_sharded(model_ref, x, y, where=where, progress=progress, surrogate_ref=surrogate_ref, **attack)
     sanity = None
     if protocol in ("standard", "minimal") if run_sanity is None else run_sanity:
-        sanity = ray.get(_sanity_task.remote(model_ref, x, y, num_classes=info.num_classes, result=result, **attack))
+        task = _sanity_task.options(**where.options())
+        sanity = ray.get(
+            task.remote(
+                model_ref, x, y, num_classes=info.num_classes, result=result, deterministic=deterministic, **attack
+            )
+        )
     model_info = {
         "uri": model_uri,
         "name": resolved.name,
@@ -285,11 +356,28 @@ def run_evaluation(
         surrogate=transfer_from,
         **attack,
     )
+    rep["device"] = described_devices(result.devices)
+    rep["protocol"]["chunk_size"] = where.chunk_size  # the random starts are seeded per chunk
     label = f"{protocol}-{norm}-eps{eps:g}" + ("-transfer" if transfer_from else "")
     out = Path(out_dir or Path("reports") / f"{resolved.name or 'model'}-v{resolved.version or 'local'}-{label}")
     _write_report(rep, result, sanity, x, y, info, out, norm=norm, eps=eps)
     _log_evidence(resolved, rep, out, label=label, split=split, attack=attack)
     return rep
+
+
+def described_devices(devices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's `device`: where the chunks ran (one description, or the first with every name when
+    tasks ran on different hardware; `type` "mixed" when on GPUs and CPUs)."""
+    if not devices:
+        return {"type": "unknown"}
+    first = dict(devices[0])
+    if len(devices) > 1:
+        types = {d["type"] for d in devices}
+        first["type"] = types.pop() if len(types) == 1 else "mixed"
+        first["name"] = ", ".join(dict.fromkeys(str(d.get("name")) for d in devices))
+        first["tf32"] = any(d.get("tf32") for d in devices)
+        first["deterministic"] = all(d.get("deterministic") for d in devices)
+    return first
 
 
 def _gather(pending: list, *, total: int, chunk_size: int, progress: bool) -> list[ChunkResult]:

@@ -85,6 +85,9 @@ def test_sharded_over_ray_equals_one_process(ray_address, digits_path, adversari
     robust_after = single.robust_after["apgd_t"]
     assert report["robust_accuracy"] == pytest.approx(int(robust_after.sum()) / len(robust_after), abs=1e-12)
     assert report["sanity"] is None  # fast protocol: no sanity checks
+    # Where it ran and with which numerics (no GPU here: CPU tasks, fp32 without TF32).
+    assert report["device"]["type"] == "cpu" and report["device"]["tf32"] is False
+    assert report["device"]["deterministic"] is False and report["protocol"]["chunk_size"] == 32
 
 
 def test_evaluation_of_a_registered_model_logs_evidence(

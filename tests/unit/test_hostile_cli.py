@@ -181,6 +181,8 @@ def test_config_fuzz_raises_only_config_errors(tmp_path):
         (("--eps", "-0.1"), "--eps -0.1"),
         (("--split", "training"), "--split 'training'"),
         (("--protocol", "autoattack"), "autoattack"),
+        (("--chunk-size", "0"), "--chunk-size 0"),
+        *([(("--device", "cuda"), "--device cuda: this machine has no CUDA")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_impossible_evaluation_requests_exit_2_before_anything_starts(capsys, tmp_path, args, named):
