@@ -382,6 +382,13 @@ class TrackingConfig(_Component):
         description="Alias moved to each newly registered version (empty: none). Not `champion`: only "
         "`advtrain promote` sets it, through its gates.",
     )
+    system_metrics_interval_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=3_600.0,
+        description="Seconds between MLflow system-metric samples of rank 0's node (system/cpu_utilization_percentage, "
+        "system/gpu_0_utilization_percentage, system/gpu_0_memory_usage_megabytes, ...); 0 turns them off.",
+    )
 
     @field_validator("registered_model")
     @classmethod

@@ -151,7 +151,7 @@ def _decode_table(
         raise DataError(f"{where}: {len(table)} rows but {METADATA_FILE} says {expected_rows}")
     if info.encoded and not (pa.types.is_binary(image_col.type) or pa.types.is_large_binary(image_col.type)):
         raise DataError(f"{where}: column 'image' must hold encoded image bytes, got {image_col.type}")
-    flat = None if info.encoded else _image_bytes(image_col, info.shape, where)
+    flat = None if info.encoded else image_bytes(image_col, info.shape, where)
     _check_written_for(table.schema, info, where)
     labels = label_col.to_numpy().astype(np.int64)
     check_labels(labels, info.num_classes, where)
@@ -160,7 +160,7 @@ def _decode_table(
     return flat.reshape(len(labels), *info.shape), labels
 
 
-def _image_bytes(image_col: pa.Array, shape: tuple[int, int, int], where: str) -> np.ndarray:
+def image_bytes(image_col: pa.Array, shape: tuple[int, int, int], where: str) -> np.ndarray:
     """The 'image' column as one flat uint8 array; every row must hold exactly C*H*W bytes."""
     row_bytes = shape[0] * shape[1] * shape[2]
     if pa.types.is_fixed_size_binary(image_col.type):

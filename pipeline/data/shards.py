@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from pipeline.data.format import DataError, DatasetInfo, read_file, read_metadata
+from pipeline.data.format import DataError, DatasetInfo, image_bytes, read_file, read_metadata
 from pipeline.data.images import decode_rows
 
 
@@ -44,20 +45,29 @@ def load_split(
 
 
 def decode_columns(
-    batch: dict[str, np.ndarray], *, shape: tuple[int, int, int], num_classes: int, encoded: bool
+    batch: dict[str, np.ndarray] | pa.Table, *, shape: tuple[int, int, int], num_classes: int, encoded: bool
 ) -> dict[str, np.ndarray]:
-    """A Ray Data batch as read from Parquet (image bytes, labels) -> {"image": uint8 (N,C,H,W), "label":
-    int64}, every row checked. Runs in Ray Data's map_batches tasks on CPUs, so decoding (PNG/JPEG included)
-    never runs on a training worker; pixels stay uint8 (a quarter of float32's bytes through the object
-    store) and become float on the worker's device (`to_float`)."""
-    rows, labels = batch["image"], np.asarray(batch["label"], dtype=np.int64)
-    if encoded:
-        images = decode_rows(list(rows), shape, "streamed batch")
+    """A Ray Data batch as read from Parquet (image bytes, labels; a pyarrow Table or numpy columns) ->
+    {"image": uint8 (N,C,H,W), "label": int64}, every row checked. Runs in Ray Data's map_batches tasks on
+    CPUs, so decoding (PNG/JPEG included) never runs on a training worker; pixels stay uint8 (a quarter of
+    float32's bytes through the object store) and become float on the worker's device (`to_float`).
+    Raw pixels in a Table are read straight from Arrow's data buffer: no Python object per row."""
+    if isinstance(batch, pa.Table):
+        labels = np.asarray(batch.column("label").to_numpy(), dtype=np.int64)
+        column = batch.column("image").combine_chunks()
+        if encoded:
+            images = decode_rows(column.to_pylist(), shape, "streamed batch")
+        else:  # a copy: the view is on Arrow's buffer, which Ray Data may reuse
+            images = image_bytes(column, shape, "streamed batch").reshape(len(column), *shape).copy()
     else:
-        flat = np.frombuffer(b"".join(bytes(b) for b in rows), dtype=np.uint8)
-        if flat.size != len(rows) * math.prod(shape):
-            raise DataError(f"streamed batch: images do not all have shape {shape}")
-        images = flat.reshape(len(rows), *shape)
+        rows, labels = batch["image"], np.asarray(batch["label"], dtype=np.int64)
+        if encoded:
+            images = decode_rows(list(rows), shape, "streamed batch")
+        else:
+            flat = np.frombuffer(b"".join(bytes(b) for b in rows), dtype=np.uint8)
+            if flat.size != len(rows) * math.prod(shape):
+                raise DataError(f"streamed batch: images do not all have shape {shape}")
+            images = flat.reshape(len(rows), *shape)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"streamed batch: label outside [0, {num_classes})")
     return {"image": images, "label": labels}

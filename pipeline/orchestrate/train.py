@@ -167,7 +167,7 @@ def _torch_trainer(run: _Run, worker_context: dict[str, Any], callbacks: list | 
         decoded = ray.data.read_parquet(files).map_batches(  # our files hold only image and label
             data_lib.decode_columns,
             fn_kwargs={"shape": info.shape, "num_classes": info.num_classes, "encoded": info.encoded},
-            batch_format="numpy",
+            batch_format="pyarrow",  # raw pixels straight from Arrow's buffer, no Python object per row
         )
         datasets = {"train": decoded}
     return TorchTrainer(

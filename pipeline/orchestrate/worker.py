@@ -87,6 +87,7 @@ class MLflowReporter:
     def __init__(self, config: Config, ctx: dict[str, Any]) -> None:
         self.config, self.uri, self.run_id = config, ctx["tracking_uri"], ctx["run_id"]
         self.arch, self.dataset_source = ctx["architecture"], ctx["dataset_source"]
+        self.system_metrics = None
 
     def logged_epochs(self) -> set[int]:
         return tracking.logged_epochs(self.uri, self.run_id, SENTINEL_METRIC)
@@ -96,6 +97,13 @@ class MLflowReporter:
         # changes after a node loss show in the tag of the latest worker group.
         tags = {"advtrain.worker_nodes": json.dumps(node_ids), "advtrain.mixed_precision": ",".join(precisions)}
         tracking.set_tags(self.uri, self.run_id, tags)
+        # Rank 0's node: its CPUs and every GPU it holds (one pod per node holds all the node's GPUs).
+        self.system_metrics = tracking.start_system_metrics(
+            self.uri,
+            self.run_id,
+            interval_s=self.config.tracking.system_metrics_interval_s,
+            resume=resumed_from is not None,
+        )
         if resumed_from is not None:
             # Every restart (a replaced worker group or a resubmission) is on the run: when, from which
             # epoch, on which nodes. Operators read recovery times from it; tests assert the epoch.
@@ -138,6 +146,8 @@ class MLflowReporter:
         tags = {"advtrain.weights_sha256": registered["weights_sha256"]}
         tags["advtrain.registered_epoch"] = str(registered_epoch)
         tracking.set_tags(self.uri, self.run_id, tags)
+        if self.system_metrics is not None:
+            self.system_metrics.finish()  # flushes the last samples while the run is still RUNNING
         return {"model_version": registered["version"], "weights_sha256": registered["weights_sha256"]}
 
 

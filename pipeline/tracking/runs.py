@@ -204,3 +204,21 @@ def set_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) ->
     client = client_for(uri)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+
+
+def start_system_metrics(uri: str, run_id: str, *, interval_s: float, resume: bool) -> Any | None:
+    """MLflow's system-metrics monitor on `run_id` (a thread sampling this node every `interval_s`: CPU,
+    memory, disk, network, and each GPU's utilisation and memory through NVML); None when it is off
+    (interval 0) or cannot start. `resume` continues the run's earlier system-metric steps. Call
+    `.finish()` on it when training ends; it also stops by itself once the run is no longer RUNNING."""
+    if interval_s <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
+    except (MlflowException, OSError, ImportError) as err:  # metrics are a convenience: training goes on
+        log.warning("system metrics off for run %s: %s", run_id, err)
+        return None
+    monitor.start()
+    return monitor

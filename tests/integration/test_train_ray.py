@@ -39,7 +39,10 @@ def _config(digits_recipe, tmp_path, *overrides):
 def trained(ray_address, digits_recipe, tmp_path_factory, standard_baseline):
     tmp = tmp_path_factory.mktemp("train")
     adversarial = run_training(
-        _config(digits_recipe, tmp, "run.epochs=20", 'run.mixed_precision="auto"'), config_name="at"
+        _config(
+            digits_recipe, tmp, "run.epochs=20", 'run.mixed_precision="auto"', "tracking.system_metrics_interval_s=1"
+        ),
+        config_name="at",
     )
     return adversarial, standard_baseline
 
@@ -57,6 +60,8 @@ def test_one_metric_value_per_epoch(trained, mlflow_server):
     # "auto" resolved on the workers' device (both ranks: the same CPU): bf16 only with bf16 hardware.
     assert run.data.params["run.mixed_precision"] == "auto"
     assert run.data.tags["advtrain.mixed_precision"] == ("bf16" if bf16_is_native(torch.device("cpu")) else "none")
+    # Rank 0's node sampled every second while it trained (GPU keys appear where NVML finds GPUs).
+    assert client.get_metric_history(adversarial.mlflow_run_id, "system/cpu_utilization_percentage")
 
 
 def test_adversarial_training_beats_standard_by_30_points(trained):

@@ -16,6 +16,7 @@ from synthetic import random_splits
 
 from pipeline.data import (
     DataError,
+    decode_columns,
     load_split,
     prepare_fashion_mnist,
     prepare_npz,
@@ -47,6 +48,23 @@ def test_round_trip_is_exact(dataset):
     assert len(x5) == 5
     schema = pq.read_schema(path / info.splits["train"][0]["name"])
     assert schema.field("image").type == pa.binary(64) and schema.field("label").type == pa.int64()
+
+
+def test_arrow_batches_decode_like_the_reader_and_uint8_loads_the_same_pixels(dataset):
+    path, splits = dataset
+    info = validate_dataset(path)
+    table = pq.read_table(path / info.splits["train"][1]["name"]).slice(3, 9)  # a sliced Arrow view, as Ray hands it
+    decoded = decode_columns(table, shape=info.shape, num_classes=4, encoded=False)
+    images, labels = splits["train"][0][18:27], splits["train"][1][18:27]
+    assert decoded["image"].dtype == np.uint8 and np.array_equal(decoded["image"], images)
+    assert np.array_equal(decoded["label"], labels)
+    bad = table.set_column(1, "label", pa.array([9] * len(table), pa.int64()))
+    with pytest.raises(DataError, match=r"label outside \[0, 4\)"):
+        decode_columns(bad, shape=info.shape, num_classes=4, encoded=False)
+    with pytest.raises(DataError, match="shape"):
+        decode_columns(table, shape=(1, 4, 4), num_classes=4, encoded=False)
+    x8, _ = load_split(path, "train", as_uint8=True)
+    assert x8.dtype == torch.uint8 and torch.equal(x8, torch.from_numpy(splits["train"][0]))
 
 
 def _replace_file(path, split, table):
