@@ -287,7 +287,7 @@ def sanity_checks(
 
 def extra_broken(sanity: dict[str, Any] | None, num_examples: int) -> torch.Tensor:
     """bool (num_examples,): the examples a sanity check's attack broke within the threat model."""
-    mask = torch.zeros(num_examples, dtype=torch.bool)
+    mask = torch.zeros(num_examples, dtype=torch.bool, device="cpu")  # merged results live on the host
     if sanity:
         mask[sanity.get("broken_at_eps", [])] = True
     return mask

@@ -43,7 +43,8 @@ def _checkpoints(num_steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1.0:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({int(torch.tensor(v * num_steps).ceil()) for v in p if v <= 1.0} - {0})
+    # On the host in float32 (a host-side schedule, computed once; the rounding is the one we checked).
+    return sorted({int(torch.tensor(v * num_steps, device="cpu").ceil()) for v in p if v <= 1.0} - {0})
 
 
 def _apgd_once(

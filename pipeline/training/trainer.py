@@ -376,7 +376,7 @@ class Trainer:
             predictions = predict(model, x_test, batch_size=config.validation.batch_size, device=device)
             correct, total = correct + int((predictions == y_test).sum()), total + len(y_test)
         # float32 like the per-split mean a loaded model is checked with (tests compare them exactly).
-        clean = float(torch.tensor(float(correct)) / max(total, 1))
+        clean = float(torch.tensor(float(correct), device="cpu") / max(total, 1))
         test_metrics = {"test/clean_acc": clean, "test/robust_acc": robust / max(count, 1)}
         cpu_model = build_model(self.arch)
         cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
