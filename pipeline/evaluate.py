@@ -130,16 +130,27 @@ def device_description(device: torch.device) -> dict[str, Any]:
     return described
 
 
-def worst_case(result: ChunkResult, *, eps: float, extra_broken: torch.Tensor | None = None) -> torch.Tensor:
-    """bool (n,): robust to everything the evaluation ran: the cascade, a minimal-norm adversarial within
-    eps, every transferred example, and `extra_broken` (bool (n,): the sanity checks' stronger attacks)."""
-    robust = result.robust.clone()
+def survival_stages(
+    result: ChunkResult, *, eps: float, extra_broken: torch.Tensor | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """(source, survived: bool (n,)) for everything the evaluation ran, in the order the report credits
+    them: each cascade attack (cumulative), "minimal" (no minimal-norm adversarial within eps), each
+    "transfer.<attack>", and "sanity" (`extra_broken`: the sanity checks' stronger attacks). The one list
+    that `worst_case`, `per_example` and the report's counts all walk."""
+    stages = list(result.robust_after.items())
     if result.min_norm is not None:
-        robust &= result.min_norm > eps
-    for correct in result.transfer_correct.values():
-        robust &= correct
+        stages.append(("minimal", result.min_norm > eps))
+    stages += [(f"transfer.{name}", correct) for name, correct in result.transfer_correct.items()]
     if extra_broken is not None:
-        robust &= ~extra_broken
+        stages.append(("sanity", ~extra_broken))
+    return stages
+
+
+def worst_case(result: ChunkResult, *, eps: float, extra_broken: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (n,): robust to everything the evaluation ran (every stage of `survival_stages`)."""
+    robust = result.clean_correct.clone()
+    for _, survived in survival_stages(result, eps=eps, extra_broken=extra_broken):
+        robust &= survived
     return robust
 
 
@@ -319,13 +330,7 @@ def per_example(result: ChunkResult, *, eps: float, extra_broken: torch.Tensor |
     adversarial perturbation found (`--protocol minimal`; None = none found)."""
     broken_by: list[str | None] = [None] * len(result.clean_correct)
     previous = result.clean_correct
-    stages = list(result.robust_after.items())
-    if result.min_norms:
-        stages.append(("minimal", result.min_norm > eps))
-    stages += [(f"transfer.{name}", correct) for name, correct in result.transfer_correct.items()]
-    if extra_broken is not None:
-        stages.append(("sanity", ~extra_broken))
-    for name, survived in stages:
+    for name, survived in survival_stages(result, eps=eps, extra_broken=extra_broken):
         still = previous & survived
         for i in (previous & ~still).nonzero().squeeze(1).tolist():
             broken_by[i] = name

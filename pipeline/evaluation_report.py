@@ -15,6 +15,7 @@ from pipeline.evaluate import (
     TRANSFER_ATTACKS,
     ChunkResult,
     mcnemar_disagree,
+    survival_stages,
     wilson_interval,
     worst_case,
 )
@@ -128,16 +129,13 @@ def report(
 
 def _extra_counts(result: ChunkResult, *, eps: float, broken_by_sanity: torch.Tensor) -> dict[str, int]:
     """How many examples each source beyond the cascade broke that nothing before it had."""
-    robust = result.robust.clone()
-    counts = {}
-    if result.min_norm is not None:
-        counts["minimal"] = int((robust & (result.min_norm <= eps)).sum())
-        robust &= result.min_norm > eps
-    if result.transfer_correct:
-        transfer = torch.stack(list(result.transfer_correct.values())).all(0)
-        counts["transfer"] = int((robust & ~transfer).sum())
-        robust &= transfer
-    counts["sanity"] = int((robust & broken_by_sanity).sum())
+    counts: dict[str, int] = {}
+    robust = result.clean_correct.clone()
+    for name, survived in survival_stages(result, eps=eps, extra_broken=broken_by_sanity):
+        source = name.split(".")[0]  # every transfer attack counts as "transfer"
+        if name not in result.robust_after:
+            counts[source] = counts.get(source, 0) + int((robust & ~survived).sum())
+        robust &= survived
     return counts
 
 

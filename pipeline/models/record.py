@@ -16,6 +16,7 @@ import json
 import math
 import re
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,11 +102,12 @@ def _build_builtin(arch: dict[str, Any]) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def input_memory_format(model: nn.Module) -> torch.memory_format:
+def input_memory_format(model: nn.Module | Callable) -> torch.memory_format:
     """The memory format inputs should have for `model`: channels_last when its first conv weight is
     stored channels_last (the built-ins). An NCHW input to NHWC weights is converted by every forward,
-    every attack step's included; converting each batch once saves that."""
-    for module in model.modules():
+    every attack step's included; converting each batch once saves that. A plain function: NCHW."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    for module in modules:
         if isinstance(module, nn.Conv2d):
             weight = module.weight
             nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
