@@ -348,6 +348,26 @@ def mcnemar_disagree(a: torch.Tensor, b: torch.Tensor, z: float = 1.96) -> bool:
     return only_a + only_b > 0 and abs(only_a - only_b) > z * math.sqrt(only_a + only_b)
 
 
+def minimal_against_cascade(result: ChunkResult, *, eps: float) -> dict[str, Any] | None:
+    """The two upper bounds of robust accuracy at eps compared example by example: the minimal-norm
+    pass's (no adversarial within eps) and the fixed-eps cascade's. `minimal_stronger` / `minimal_looser`:
+    one broke more than the other beyond sampling noise (McNemar). None without a minimal-norm pass."""
+    if result.min_norm is None:
+        return None
+    survived_minimal, survived_cascade = result.min_norm > eps, result.robust
+    only_minimal = int((survived_cascade & ~survived_minimal).sum())
+    only_cascade = int((survived_minimal & ~survived_cascade).sum())
+    significant = mcnemar_disagree(survived_minimal, survived_cascade)
+    return {
+        "accuracy_minimal_at_eps": float(survived_minimal.float().mean()),
+        "accuracy_fixed_eps": float(survived_cascade.float().mean()),
+        "only_minimal_broke": only_minimal,
+        "only_fixed_eps_broke": only_cascade,
+        "minimal_stronger": significant and only_minimal > only_cascade,
+        "minimal_looser": significant and only_cascade > only_minimal,
+    }
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (better than the normal one near 0 and 1)."""
     if n == 0:

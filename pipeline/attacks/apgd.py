@@ -18,12 +18,9 @@ import torch
 from torch import nn
 
 from pipeline.attacks.losses import cross_entropy, dlr, dlr_targeted
+from pipeline.attacks.pgd import per_example_view
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": cross_entropy, "dlr": dlr}
-
-
-def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
@@ -35,7 +32,7 @@ def _project(x_new: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
         return torch.min(torch.max(x_new, x - eps), x + eps).clamp(0.0, 1.0)
     delta = x_new - x
     scale = torch.clamp(eps / (_l2(delta) + 1e-12), max=1.0)
-    return (x + delta * _view(scale, x)).clamp(0.0, 1.0)
+    return (x + delta * per_example_view(scale, x)).clamp(0.0, 1.0)
 
 
 def _checkpoints(num_steps: int) -> list[int]:
@@ -64,10 +61,10 @@ def _apgd_once(
     n = x.shape[0]
     if norm == "linf":
         t = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-        x_adv = x + eps * t / _view(t.flatten(1).abs().amax(1), x)
+        x_adv = x + eps * t / per_example_view(t.flatten(1).abs().amax(1), x)
     else:
         t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = x + eps * t / _view(_l2(t) + 1e-12, x)
+        x_adv = x + eps * t / per_example_view(_l2(t) + 1e-12, x)
     x_adv = x_adv.clamp(0.0, 1.0)
 
     def loss_and_grad(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +77,7 @@ def _apgd_once(
 
     loss, grad, logits = loss_and_grad(x_adv)
     fooled = logits.argmax(1) != y
-    x_fooling = torch.where(_view(fooled, x), x_adv, x)
+    x_fooling = torch.where(per_example_view(fooled, x), x_adv, x)
     loss_best, x_best, grad_best = loss.clone(), x_adv.clone(), grad.clone()
     step = torch.full((n,), 2.0 * eps, device=x.device, dtype=x.dtype)
     x_prev = x_adv.clone()
@@ -95,21 +92,23 @@ def _apgd_once(
         with torch.no_grad():
             momentum = 0.75 if i > 0 else 1.0
             if norm == "linf":
-                z = _project(x_adv + _view(step, x) * grad.sign(), x, eps, norm)
+                z = _project(x_adv + per_example_view(step, x) * grad.sign(), x, eps, norm)
             else:
-                z = _project(x_adv + _view(step, x) * grad / _view(_l2(grad) + 1e-12, x), x, eps, norm)
+                z = _project(
+                    x_adv + per_example_view(step, x) * grad / per_example_view(_l2(grad) + 1e-12, x), x, eps, norm
+                )
             x_new = _project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), x, eps, norm)
             x_prev, x_adv = x_adv, x_new
         loss, grad, logits = loss_and_grad(x_adv)
         with torch.no_grad():
             now_fooled = logits.argmax(1) != y
-            x_fooling = torch.where(_view(now_fooled & ~fooled, x), x_adv, x_fooling)
+            x_fooling = torch.where(per_example_view(now_fooled & ~fooled, x), x_adv, x_fooling)
             fooled |= now_fooled
             increases += (loss > loss_prev).float()
             loss_prev = loss
             improved = loss > loss_best
-            x_best = torch.where(_view(improved, x), x_adv, x_best)
-            grad_best = torch.where(_view(improved, x), grad, grad_best)
+            x_best = torch.where(per_example_view(improved, x), x_adv, x_best)
+            grad_best = torch.where(per_example_view(improved, x), grad, grad_best)
             loss_best = torch.where(improved, loss, loss_best)
             if i + 1 in checkpoints:
                 since = i + 1 - last_checkpoint
@@ -117,8 +116,8 @@ def _apgd_once(
                 stalled = ~reduced_last & (loss_best_last >= loss_best)  # condition 2
                 reduce = oscillating | stalled
                 step = torch.where(reduce, step / 2.0, step)
-                x_adv = torch.where(_view(reduce, x), x_best, x_adv)
-                grad = torch.where(_view(reduce, x), grad_best, grad)
+                x_adv = torch.where(per_example_view(reduce, x), x_best, x_adv)
+                grad = torch.where(per_example_view(reduce, x), grad_best, grad)
                 reduced_last, loss_best_last = reduce, loss_best.clone()
                 increases.zero_()
                 last_checkpoint = i + 1

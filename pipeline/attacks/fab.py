@@ -41,14 +41,10 @@ import torch
 from torch import nn
 
 from pipeline.attacks.minimal import check_norm, keep_smaller, perturbation_norms, within_eps
-from pipeline.attacks.pgd import Norm
+from pipeline.attacks.pgd import Norm, per_example_view
 
 # AutoAttack's FAB radius for random restarts when it is given no eps; used here when eps=inf.
 UNBOUNDED_START_EPS: dict[str, float] = {"linf": 0.3, "l2": 1.0}
-
-
-def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _target_margin_and_grad(
@@ -122,7 +118,7 @@ def _random_start(x: torch.Tensor, radius: float, norm: Norm, generator: torch.G
     else:
         t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         scale = t.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
-    return (x + radius * t / _view(scale, x)).clamp(0, 1)
+    return (x + radius * t / per_example_view(scale, x)).clamp(0, 1)
 
 
 def _fab_run(
@@ -160,7 +156,7 @@ def _fab_run(
             fooled = model(x_k).argmax(1) != y
             best, best_norm = keep_smaller(best, best_norm, x_k, perturbation_norms(x, x_k, norm), fooled)
             # Adversarial: step back toward the original to look for a smaller perturbation next.
-            x_k = torch.where(_view(fooled, x), x + beta * (x_k - x), x_k)
+            x_k = torch.where(per_example_view(fooled, x), x + beta * (x_k - x), x_k)
     return best, best_norm
 
 

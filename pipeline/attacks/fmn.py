@@ -44,11 +44,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks.minimal import check_norm, keep_smaller, perturbation_norms, within_eps
-from pipeline.attacks.pgd import Norm
-
-
-def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (like.dim() - 1)))
+from pipeline.attacks.pgd import Norm, per_example_view
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,11 +56,11 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _project(delta: torch.Tensor, x: torch.Tensor, radius: torch.Tensor, norm: Norm) -> torch.Tensor:
     """delta onto the per-example ball of `radius` (N,), then x + delta into [0,1]."""
-    r = _view(radius, delta)
+    r = per_example_view(radius, delta)
     if norm == "linf":
         delta = torch.maximum(torch.minimum(delta, r), -r)
     else:
-        length = _view(delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
+        length = per_example_view(delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
         delta = delta * (r / length).clamp(max=1.0)
     return (x + delta).clamp(0, 1) - x
 
@@ -77,7 +73,11 @@ def _boundary_start(
 
     def point(t: torch.Tensor) -> torch.Tensor:
         d = starting_points - x
-        return x + (_view(t, x) * d if norm == "l2" else torch.maximum(torch.minimum(d, _view(t, x)), -_view(t, x)))
+        return x + (
+            per_example_view(t, x) * d
+            if norm == "l2"
+            else torch.maximum(torch.minimum(d, per_example_view(t, x)), -per_example_view(t, x))
+        )
 
     with torch.no_grad():
         # Already misclassified examples start from x, so they end as x (norm 0) like everywhere else.
@@ -88,7 +88,7 @@ def _boundary_start(
             middle = (lower + upper) / 2
             fooled = model(point(middle)).argmax(1) != y
             lower, upper = torch.where(fooled, lower, middle), torch.where(fooled, middle, upper)
-        return torch.where(_view(usable, x), point(upper) - x, torch.zeros_like(x))
+        return torch.where(per_example_view(usable, x), point(upper) - x, torch.zeros_like(x))
 
 
 def _fmn_run(
@@ -131,7 +131,7 @@ def _fmn_run(
             grown = torch.where(found, radius * (1 + gamma), to_boundary)
             radius = torch.where(fooled, torch.minimum(radius * (1 - gamma), best_norm), grown)
             radius = torch.minimum(radius, worst)
-            step = grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+            step = grad / per_example_view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
             delta = _project(delta - alpha * step, x, radius, norm)
     with torch.no_grad():  # the last step's iterate counts too
         fooled = model(x + delta).argmax(1) != y

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from pipeline.attacks.pgd import Norm, _project
+from pipeline.attacks.pgd import Norm, _project, per_example_view
 
 
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -39,7 +39,7 @@ def keep_smaller(
     """Per example, keep `candidate` where it fools the model with a smaller norm than the best so far
     (best_norm is inf where nothing was found yet). No host sync: a masked select on the device."""
     better = fooled & (candidate_norm < best_norm)
-    mask = better.view(-1, *([1] * (best.dim() - 1)))
+    mask = per_example_view(better, best)
     return torch.where(mask, candidate, best), torch.where(better, candidate_norm, best_norm)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks.losses import cross_entropy
-from pipeline.attacks.pgd import Norm, _per_example_norm, _project
+from pipeline.attacks.pgd import Norm, _per_example_norm, _project, per_example_view
 
 
 def mi_fgsm(
@@ -44,7 +44,7 @@ def mi_fgsm(
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(cross_entropy(model(x + delta), y).sum(), delta)
         with torch.no_grad():
-            l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            l1 = per_example_view(grad.flatten(1).abs().sum(1).clamp_min(1e-12), x)
             momentum = decay * momentum + grad / l1
             step = momentum.sign() if norm == "linf" else momentum / _per_example_norm(momentum)
             delta = _project(delta.detach() + step_size * step, x, eps, norm)

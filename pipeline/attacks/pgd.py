@@ -37,8 +37,13 @@ class Attack(Protocol):
     ) -> torch.Tensor: ...
 
 
+def per_example_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example tensor (N,) shaped (N, 1, 1, ...) to broadcast over `like` (N, C, H, W)."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+    return per_example_view(t.flatten(1).norm(p=2, dim=1).clamp_min(1e-12), t)
 
 
 def _random_delta(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator | None) -> torch.Tensor:
@@ -50,7 +55,7 @@ def _random_delta(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Gene
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         direction = direction / _per_example_norm(direction)
         radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
-        delta = direction * (radius * eps).view(-1, *([1] * (x.dim() - 1)))
+        delta = direction * per_example_view(radius * eps, x)
     # Keep x + delta a valid image from the start.
     return (x + delta).clamp(0, 1) - x
 
@@ -148,7 +153,7 @@ def pgd(
             best, best_fooled, best_loss = x_adv, fooled, value
             continue
         better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (value > best_loss))
-        mask = better.view(-1, *([1] * (x.dim() - 1)))
+        mask = per_example_view(better, x)
         best = torch.where(mask, x_adv, best)
         best_fooled = best_fooled | fooled
         best_loss = torch.where(better, value, best_loss)
