@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint format docs install clean
+.PHONY: demo test test-unit lint format docs install clean gpu-check
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ demo: $(STAMP) data/digits/metadata.json
 		code=$$?; if [ $$code -eq 1 ]; then echo "(the new version was not promoted: see the failed gates above)"; \
 		elif [ $$code -ne 0 ]; then exit $$code; fi
 	$(BIN)/advtrain models list digits-linf
+
+# The GPU path end to end on one CUDA device, under 8 minutes: environment, every method and attack on the
+# device, 2 DDP ranks on one GPU, Ray Train + evaluation, throughput, the gpu tests (docs/gpu.md). Figures
+# go to benchmarks/results/gpu/. GPU_CHECK_ARGS=--cpu runs the parts that need no CUDA here and writes to
+# benchmarks/results/gpu/cpu/; --skip-ray leaves out the Ray part.
+GPU_CHECK_ARGS ?=
+
+gpu-check: $(STAMP) data/digits/metadata.json
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -92,10 +92,13 @@ class MLflowReporter:
     def logged_epochs(self) -> set[int]:
         return tracking.logged_epochs(self.uri, self.run_id, SENTINEL_METRIC)
 
-    def start(self, *, node_ids: list[str], precisions: list[str], resumed_from: int | None) -> None:
+    def start(
+        self, *, node_ids: list[str], precisions: list[str], devices: list[str], resumed_from: int | None
+    ) -> None:
         # Where the ranks run (node ids, one per rank): multi-node placement is visible in MLflow, and
         # changes after a node loss show in the tag of the latest worker group.
         tags = {"advtrain.worker_nodes": json.dumps(node_ids), "advtrain.mixed_precision": ",".join(precisions)}
+        tags["advtrain.devices"] = json.dumps(devices)  # each rank's device: "cuda:0 (NVIDIA H100 ..., 9.0)" or "cpu"
         tracking.set_tags(self.uri, self.run_id, tags)
         # Rank 0's node: its CPUs and every GPU it holds (one pod per node holds all the node's GPUs).
         self.system_metrics = tracking.start_system_metrics(

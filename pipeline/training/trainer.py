@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 PROBE_EXAMPLES = 128
 
 
+def device_label(device: torch.device) -> str:
+    """Where a rank trains, for the run's records: "cpu", or "cuda:0 (NVIDIA H100 80GB HBM3, 9.0)"."""
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{device} ({torch.cuda.get_device_name(device)}, {major}.{minor})"
+
+
 class Trainer:
     def __init__(
         self,
@@ -117,13 +125,14 @@ class Trainer:
         # the driver's (a CPU head node, GPU workers).
         bf16_native = steps.bf16_is_native(world.device)
         self.precision = steps.training_precision(config.run.mixed_precision, bf16_native=bf16_native)
-        placement = world.all_gather_object((world.node_id(), self.precision))
+        placement = world.all_gather_object((world.node_id(), self.precision, device_label(world.device)))
         if world.rank != 0:
             return
-        precisions = sorted({p for _, p in placement})
+        precisions = sorted({p for _, p, _ in placement})
         self.reporter.start(
-            node_ids=[node for node, _ in placement],
+            node_ids=[node for node, _, _ in placement],
             precisions=precisions,
+            devices=[device for _, _, device in placement],
             resumed_from=state.epoch if self.resumed else None,
         )
         log.info("training precision: %s (run.mixed_precision = %s)", ",".join(precisions), config.run.mixed_precision)

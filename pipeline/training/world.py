@@ -51,7 +51,9 @@ class Reporter(Protocol):
 
     def logged_epochs(self) -> set[int]: ...
 
-    def start(self, *, node_ids: list[str], precisions: list[str], resumed_from: int | None) -> None: ...
+    def start(
+        self, *, node_ids: list[str], precisions: list[str], devices: list[str], resumed_from: int | None
+    ) -> None: ...
 
     def log_epoch(self, metrics: dict[str, float], *, epoch: int) -> None: ...
 
@@ -137,8 +139,12 @@ class InMemoryReporter:
     def logged_epochs(self) -> set[int]:
         return set(self.metrics)
 
-    def start(self, *, node_ids: list[str], precisions: list[str], resumed_from: int | None) -> None:
-        self.starts.append({"node_ids": node_ids, "precisions": precisions, "resumed_from": resumed_from})
+    def start(
+        self, *, node_ids: list[str], precisions: list[str], devices: list[str], resumed_from: int | None
+    ) -> None:
+        self.starts.append(
+            {"node_ids": node_ids, "precisions": precisions, "devices": devices, "resumed_from": resumed_from}
+        )
 
     def log_epoch(self, metrics: dict[str, float], *, epoch: int) -> None:
         assert epoch not in self.metrics, f"epoch {epoch} logged twice"

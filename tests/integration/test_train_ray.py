@@ -62,6 +62,7 @@ def test_one_metric_value_per_epoch(trained, mlflow_server):
     assert run.data.tags["advtrain.mixed_precision"] == ("bf16" if bf16_is_native(torch.device("cpu")) else "none")
     # Rank 0's node sampled every second while it trained (GPU keys appear where NVML finds GPUs).
     assert client.get_metric_history(adversarial.mlflow_run_id, "system/cpu_utilization_percentage")
+    assert json.loads(run.data.tags["advtrain.devices"]) == ["cpu", "cpu"]  # each rank's device
 
 
 def test_adversarial_training_beats_standard_by_30_points(trained):
