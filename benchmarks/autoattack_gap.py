@@ -15,6 +15,9 @@
 attack at a time (`attacks_to_run`, version='custom', the standard version's settings) so each stage's
 robust mask is recorded. Prints per-stage robust accuracy side by side and, per stage, the examples one side
 broke and the other did not. Results: benchmarks/results/autoattack_gap.json (merged per model).
+
+`--device cuda` (every command; default cpu) trains, attacks and runs AutoAttack on the GPU: the reference
+takes a device too, so both sides run on the same one, in fp32 without TF32 as `advtrain evaluate` does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from devices import add_device_option, describe, elapsed, synchronize
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results" / "autoattack_gap.json"
@@ -46,7 +50,7 @@ def train(args: argparse.Namespace) -> None:
     overrides = [f"data.path={DATA}", *args.set]
     config = load_config(CONFIGS / toml, overrides)
     started = time.perf_counter()
-    model, arch, _ = fit_in_process(config)
+    model, arch, _ = fit_in_process(config, device=args.device)
     minutes = (time.perf_counter() - started) / 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,38 +59,47 @@ def train(args: argparse.Namespace) -> None:
     print(f"{args.method}: trained in {minutes:.1f} min -> {out}")
 
 
-def load_models(specs: list[str]) -> dict[str, nn.Module]:
+def load_models(specs: list[str], device: torch.device) -> dict[str, nn.Module]:
+    from pipeline.evaluate import evaluation_numerics
     from pipeline.model_folder import load_folder
+
+    if device.type == "cuda":
+        evaluation_numerics()  # fp32 without TF32, as `advtrain evaluate` runs on a GPU (both sides here)
 
     models = {}
     for spec in specs:
         name, _, folder = spec.partition("=")
         if not folder:
             raise ValueError(f"--model-folder wants NAME=FOLDER, got '{spec}'")
-        models[name] = load_folder(folder)[0].eval()
+        models[name] = load_folder(folder)[0].eval().to(device)
     return models
 
 
 def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, seed: int) -> dict:
-    from pipeline.evaluate import evaluate_examples
+    """advtrain's cascade on the model's device; masks come back on the CPU."""
+    from pipeline.evaluate import evaluate_examples, model_device
 
+    device = model_device(model, x.device)
+    synchronize(device)
     started = time.perf_counter()
     result = evaluate_examples(model, x, y, norm="linf", eps=eps, protocol="standard", seed=seed, chunk_size=len(y))
     return {
         "clean": result.clean_correct,
         "robust_after": {name: result.robust_after[name] for name, _ in STAGES},
-        "seconds": {**result.seconds, "total": time.perf_counter() - started},
+        "seconds": {**result.seconds, "total": elapsed(started, device)},
     }
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, seed: int, src: str) -> dict:
     """The reference cascade, one attack at a time on what is still robust, so each stage is recorded.
-    Same settings as AutoAttack(version='standard').set_version('standard') (asserted below)."""
+    Same settings as AutoAttack(version='standard').set_version('standard') (asserted below). Runs on the
+    device of `x` (the model's); masks come back on the CPU."""
     if src not in sys.path:
         sys.path.insert(0, src)
     from autoattack import AutoAttack
 
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device="cpu", verbose=False)
+    device = x.device
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device, verbose=False)
     assert adversary.attacks_to_run == [aa for _, aa in STAGES]
     assert adversary.apgd.n_restarts == 1 and adversary.apgd_targeted.n_target_classes == 9
     assert adversary.fab.n_target_classes == 9 and adversary.square.n_queries == 5000
@@ -102,8 +115,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
             x_adv = adversary.run_standard_evaluation(x[idx], y[idx], bs=len(y))
             with torch.no_grad():
                 robust[idx[model(x_adv).argmax(1) != y[idx]]] = False
-        out["robust_after"][ours_name] = robust.clone()
-        out["seconds"][ours_name] = time.perf_counter() - started
+        out["robust_after"][ours_name] = robust.to("cpu", copy=True)  # `robust` changes in the next stage
+        out["seconds"][ours_name] = elapsed(started, device)
+    out["clean"] = out["clean"].cpu()
     out["seconds"]["total"] = sum(out["seconds"].values())
     return out
 
@@ -141,9 +155,10 @@ def compare(args: argparse.Namespace) -> None:
 
         ATTACKS["square"] = AttackSpec(partial(square, rescale_schedule=True))
     x, y = load_split(DATA, "test", max_examples=args.num_examples)
+    x, y = x.to(args.device), y.to(args.device)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     label = args.label or ("square_rescaled" if args.square_rescale_schedule else "")
-    for name, model in load_models(args.model_folder).items():
+    for name, model in load_models(args.model_folder, args.device).items():
         for seed in args.seeds:
             a = ours(model, x, y, eps=args.eps, seed=seed)
             b = autoattack(model, x, y, eps=args.eps, seed=seed, src=args.autoattack_src)
@@ -176,7 +191,12 @@ def compare(args: argparse.Namespace) -> None:
                 "seconds": {"ours": a["seconds"], "autoattack": b["seconds"]},
             }
             RESULTS.parent.mkdir(exist_ok=True)
-            meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": 1}
+            meta = {
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "threads": 1,
+                "device": describe(args.device),
+            }
             results["_meta"] = meta
             RESULTS.write_text(json.dumps(results, indent=1))
 
@@ -203,13 +223,14 @@ OUR_SINGLE = {
 def _our_single(model, name: str, x, y, *, eps: float, seed: int, **extra) -> torch.Tensor:
     from pipeline.attacks import get_attack
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
     return get_attack(name)(model, x, y, eps=eps, norm="linf", generator=generator, **OUR_SINGLE[name], **extra)
 
 
 def _broken(model, x_adv, y) -> torch.Tensor:
+    """Which examples `x_adv` fools the model on, as a CPU mask (counted on the host)."""
     with torch.no_grad():
-        return model(x_adv).argmax(1) != y
+        return (model(x_adv).argmax(1) != y).cpu()
 
 
 def _variant(side: str, model, adversary, stage: str, x, y, seed: int, eps: float) -> torch.Tensor:
@@ -231,14 +252,15 @@ def reseed(args: argparse.Namespace) -> None:
     from pipeline.data import load_split
 
     x, y = load_split(DATA, "test", max_examples=args.num_examples)
+    x, y = x.to(args.device), y.to(args.device)  # indexed below by CPU index tensors, which CUDA accepts
     results = json.loads(RESULTS.read_text())
-    for name, model in load_models(args.model_folder).items():
+    for name, model in load_models(args.model_folder, args.device).items():
         record = results[name]["seed0"]
         per = {
             side: {k: torch.tensor(v, dtype=torch.bool) for k, v in d.items()}
             for side, d in record["per_example"].items()
         }
-        adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu", verbose=False)
+        adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device=args.device, verbose=False)
         disagree = sorted(int(i) for i in record["final_disagreements"])
         out = results[name].setdefault("reseed", {})
         before = {"apgd_ce": "clean", "apgd_t": "apgd_ce", "square": "fab_t"}
@@ -262,7 +284,7 @@ def reseed(args: argparse.Namespace) -> None:
                 row[side] = {
                     "focus_breaks_of_seeds": focus_counts.tolist(),
                     "population_broken_by_seed": pop_broken,
-                    "seconds": time.perf_counter() - started,
+                    "seconds": elapsed(started, args.device),
                 }
                 print(
                     f"{name} {stage:8s} {side:15s} focus {focus.tolist()} broken in {focus_counts.tolist()} "
@@ -284,11 +306,12 @@ def stagewise(args: argparse.Namespace) -> None:
     from pipeline.data import load_split
 
     x, y = load_split(DATA, "test", max_examples=args.num_examples)
+    x, y = x.to(args.device), y.to(args.device)  # indexed below by CPU index tensors, which CUDA accepts
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name, model in load_models(args.model_folder).items():
-        adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu", verbose=False)
+    for name, model in load_models(args.model_folder, args.device).items():
+        adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device=args.device, verbose=False)
         with torch.no_grad():
-            clean = model(x).argmax(1) == y
+            clean = (model(x).argmax(1) == y).cpu()
         out = results.setdefault(name, {}).setdefault("stagewise", {"clean": int(clean.sum()), "n": len(y)})
         robust_all = clean.clone()
         for stage, sides, population in (("apgd_ce", ["ours", "autoattack"], clean.nonzero().squeeze(1)),):
@@ -306,7 +329,7 @@ def stagewise(args: argparse.Namespace) -> None:
                     print(
                         f"{name} {stage} {side} seed {seed}: broke {int(broken.sum())} of {len(population)} "
                         f"-> robust {(int(clean.sum()) - int(broken.sum())) / len(y):.3f} "
-                        f"({time.perf_counter() - started:.0f}s)",
+                        f"({elapsed(started, args.device):.0f}s)",
                         flush=True,
                     )
                     RESULTS.write_text(json.dumps(results, indent=1))
@@ -323,7 +346,7 @@ def stagewise(args: argparse.Namespace) -> None:
                 out["square"][f"{side}/seed{seed}"] = population[broken].tolist()
                 print(
                     f"{name} square {side} seed {seed}: broke {int(broken.sum())} of {len(population)} "
-                    f"({time.perf_counter() - started:.0f}s)",
+                    f"({elapsed(started, args.device):.0f}s)",
                     flush=True,
                 )
                 RESULTS.write_text(json.dumps(results, indent=1))
@@ -336,6 +359,7 @@ def main() -> None:
     p.add_argument("--method", choices=["fgsm_rs", "pgd_at"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], help="dotted override, e.g. run.epochs=6")
+    add_device_option(p)
     p = sub.add_parser("compare")
     p.add_argument("--autoattack-src", required=True, help="a checkout of github:fra31/auto-attack")
     p.add_argument("--model-folder", action="append", required=True, help="NAME=FOLDER (save_weights output)")
@@ -344,6 +368,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--square-rescale-schedule", action="store_true", help="Square as before the fix")
     p.add_argument("--label", default="", help="prefix of the result keys (default: none)")
+    add_device_option(p)
     p = sub.add_parser("reseed")
     p.add_argument("--autoattack-src", required=True)
     p.add_argument("--model-folder", action="append", required=True)
@@ -352,6 +377,7 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", default=["apgd_ce", "apgd_t", "square"])
     p.add_argument("--num-seeds", type=int, default=10, help="seeds on the disagreeing examples")
     p.add_argument("--population-seeds", type=int, default=3, help="seeds on the whole population")
+    add_device_option(p)
     p = sub.add_parser("stagewise")
     p.add_argument("--autoattack-src", required=True)
     p.add_argument("--model-folder", action="append", required=True)
@@ -361,6 +387,7 @@ def main() -> None:
     p.add_argument("--square-max", type=int, default=100)
     p.add_argument("--square-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--square-sides", nargs="+", default=["ours_unrescaled", "autoattack", "ours_rescaled"])
+    add_device_option(p)
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"train": train, "compare": compare, "reseed": reseed, "stagewise": stagewise}[args.command](args)

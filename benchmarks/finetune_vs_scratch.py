@@ -11,7 +11,10 @@ time (goal <= 0.5), priced at each run's median step time too (a burst of other 
 not the median). Pretraining time is printed beside it but not counted: the goal starts from a given
 standard-trained model.
 
-    .venv/bin/python benchmarks/finetune_vs_scratch.py [--data data/fashion-mnist] [--json F]
+    .venv/bin/python benchmarks/finetune_vs_scratch.py [--data data/fashion-mnist] [--json F] [--device cpu]
+
+`--device cuda` trains and evaluates on the GPU; step times are then the synchronised ones `train_epoch`
+reports to `on_step` on CUDA.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from devices import add_device_option, describe
 
 from pipeline import data as data_lib
 from pipeline.config import load_config
@@ -45,7 +49,7 @@ def timed_run(recipe: str, args, overrides: list[str], *, x_val, y_val, target: 
         step_ms.append(1000 * seconds)
         if target is None or len(step_ms) % args.eval_every:
             return False
-        val = pgd20_correct(model, x_val, y_val, eps=0.1, norm="linf", device=torch.device("cpu"))
+        val = pgd20_correct(model, x_val, y_val, eps=0.1, norm="linf", device=args.device)
         point = {
             "steps": len(step_ms),
             "train_s": round(sum(step_ms) / 1000, 1),
@@ -56,8 +60,9 @@ def timed_run(recipe: str, args, overrides: list[str], *, x_val, y_val, target: 
         print(f"  {recipe}: {point}", flush=True)
         return point["robust"] >= target
 
-    model, arch, _ = fit_in_process(config, on_step=after_step)
-    final = pgd20_correct(model, x_val, y_val, eps=0.1, norm="linf", device=torch.device("cpu"))
+    model, arch, _ = fit_in_process(config, device=args.device, on_step=after_step)
+    # fit_in_process ships the model on the CPU; evaluate it where it trained (save_weights copies to host).
+    final = pgd20_correct(model.to(args.device), x_val, y_val, eps=0.1, norm="linf", device=args.device)
     reached = next((p for p in trace if p["robust"] >= target), None) if target is not None else None
     steps = reached["steps"] if reached else len(step_ms)
     return {
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--val-examples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data_lib.validate_dataset(args.data)
@@ -97,7 +103,8 @@ def main() -> None:
     ratio, priced = finetune["train_s"] / scratch["train_s"], finetune["priced_s"] / scratch["priced_s"]
     print(
         f"# fine-tuning vs from scratch, Fashion-MNIST Linf eps 0.1, PGD-20 on the first {args.val_examples} val "
-        f"examples; {args.threads} threads, torch {torch.__version__}, {platform.machine()}; "
+        f"examples; {args.threads} threads, torch {torch.__version__}, {platform.machine()}, "
+        f"device {describe(args.device)}; "
         f"whole run {time.perf_counter() - started:.0f} s"
     )
     print("| run | steps | train min | priced min | final clean | final PGD-20 |")
@@ -115,7 +122,11 @@ def main() -> None:
     if args.json:
         keep = ("recipe", "steps", "train_s", "priced_s", "final_clean", "final_robust", "reached", "trace")
         rows = [{k: r[k] for k in keep} for r in (pretrain, scratch, finetune)]
-        Path(args.json).write_text(json.dumps({"runs": rows, "ratio": ratio, "priced_ratio": priced}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": describe(args.device), "runs": rows, "ratio": ratio, "priced_ratio": priced}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Both formats hold the same weights. Measurements are interleaved round by round 
 rounds is kept, so drift on a noisy machine hits both alike. Prints a markdown table of ratios
 (contiguous time / channels_last time; above 1 means channels_last is faster).
 
-    .venv/bin/python benchmarks/memory_format.py [--rounds 5] [--threads 2]
+    .venv/bin/python benchmarks/memory_format.py [--rounds 5] [--threads 2] [--device cpu]
+
+`--device cuda` measures the same on the GPU (cuDNN's NHWC kernels instead of oneDNN's); every timer waits
+for the device's queue first.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from devices import add_device_option, describe, synchronize
 from torch import nn
 
 from pipeline.attacks import get_attack
@@ -31,21 +35,21 @@ from pipeline.config import ModelConfig
 from pipeline.models import architecture, build_model
 
 
-def _models(name: str, shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+def _models(name: str, shape: tuple[int, int, int], device: torch.device) -> tuple[nn.Module, nn.Module]:
     c = shape[0]
     arch = architecture(ModelConfig(name=name), shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c)
     torch.manual_seed(0)
     fast = build_model(arch)
     slow = build_model(arch).to(memory_format=torch.contiguous_format)
     slow.load_state_dict(fast.state_dict())
-    return slow, fast
+    return slow.to(device), fast.to(device)  # .to(device) keeps each parameter's memory format
 
 
 def _train_step(
     model: nn.Module, attack: str, num_steps: int, eps: float
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         model.train()
@@ -79,8 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = args.device
 
     cases = []
     for label, name, shape, batch, make in (
@@ -100,21 +106,27 @@ def main() -> None:
             lambda m: _train_step(m, "fgsm", 1, 8 / 255),
         ),
     ):
-        slow, fast = _models(name, shape)
-        x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(1))
-        y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
+        slow, fast = _models(name, shape, device)
+        x = torch.rand(batch, *shape, generator=torch.Generator(device=device).manual_seed(1), device=device)
+        y = torch.randint(0, 10, (batch,), generator=torch.Generator(device=device).manual_seed(2), device=device)
         cases.append((label, make(slow), make(fast), x, y))
 
     times: dict[tuple[str, str], list[float]] = {}
-    for round_index in range(args.rounds + 1):  # round 0 warms up (oneDNN primitive caches) and is dropped
+    # Round 0 warms up (oneDNN primitive caches, cuDNN's algorithm choice) and is dropped.
+    for round_index in range(args.rounds + 1):
         for label, slow, fast, x, y in cases:
             for fmt, fn in (("contiguous", slow), ("channels_last", fast)):
+                synchronize(device)
                 started = time.perf_counter()
                 fn(x, y)
+                synchronize(device)
                 if round_index:
                     times.setdefault((label, fmt), []).append(time.perf_counter() - started)
 
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds\n")
+    print(
+        f"{platform.machine()}, device {describe(device)}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {args.rounds} rounds\n"
+    )
     print("| work | contiguous (ms) | channels_last (ms) | ratio |")
     print("|---|---|---|---|")
     for label, *_ in cases:

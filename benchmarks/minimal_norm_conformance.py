@@ -40,6 +40,10 @@ Where the references' settings cannot be matched exactly (their documented behav
 ART's C&W replaces Adam by a line search (max_halving 5, max_doubling 5) and has no early abort; ART's
 DeepFool applies the overshoot once at the end, not at every step, and adds no 1e-4 to the step;
 foolbox's L2FMNAttack never projects onto its eps_k (its `project` scales by norms / norms = 1).
+
+`--device cuda` trains and attacks on the GPU, and every side runs there: foolbox's PyTorchModel and ART's
+PyTorchClassifier are given the same device (ART still moves each batch through numpy: its design, and
+part of its time). Norms, masks and the summary are computed on the CPU from each side's answer.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from devices import add_device_option, describe, synchronize
 from torch import nn
 
 NORM_BAR = 1.02
@@ -80,8 +85,8 @@ class Family:
     max_examples: int = 0
 
 
-def train_model(data: Path, method: str, epochs: int, seed: int = 0) -> nn.Module:
-    """The small_cnn digits model of tests/conftest.py `train_in_process`, in eval mode."""
+def train_model(data: Path, method: str, epochs: int, device: torch.device, seed: int = 0) -> nn.Module:
+    """The small_cnn digits model of tests/conftest.py `train_in_process`, in eval mode on `device`."""
     from pipeline.config import config_from_dict
     from pipeline.training import fit_in_process
 
@@ -96,14 +101,16 @@ def train_model(data: Path, method: str, epochs: int, seed: int = 0) -> nn.Modul
             "validation": {"num_examples": 32, "num_steps": 2},
         }
     )
-    return fit_in_process(config)[0].eval()
+    return fit_in_process(config, device=device)[0].eval().to(device)
 
 
 def correct_examples(model: nn.Module, data: Path, num_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `num_examples` test examples the model classifies correctly."""
+    """The first `num_examples` test examples the model classifies correctly, on the model's device."""
     from pipeline.data import load_split
 
     x, y = load_split(data, "test")
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     with torch.no_grad():
         keep = model(x).argmax(1) == y
     return x[keep][:num_examples].contiguous(), y[keep][:num_examples].contiguous()
@@ -115,10 +122,10 @@ def norms(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def measure(run: Runner, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str) -> dict:
-    """Runs one side; returns seconds, success mask, per-example norms (inf where it failed), the model's
-    forward calls and the examples they carried (the attack's cost in model passes), and how many answers
-    are the all-zero image (foolbox's C&W returns that where it found nothing: a valid but unsearched
-    adversarial)."""
+    """Runs one side on the device of `x` (the model's); returns seconds, success mask, per-example norms
+    (inf where it failed), the model's forward calls and the examples they carried (the attack's cost in
+    model passes), and how many answers are the all-zero image (foolbox's C&W returns that where it found
+    nothing: a valid but unsearched adversarial). Every returned tensor is on the CPU."""
     passes = {"calls": 0, "examples": 0}
 
     def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -127,15 +134,19 @@ def measure(run: Runner, model: nn.Module, x: torch.Tensor, y: torch.Tensor, nor
 
     # The first child, not the model: ART's PyTorchClassifier calls the model's children one by one.
     handle = next(model.children(), model).register_forward_hook(count)
+    synchronize(x.device)
     started = time.perf_counter()
     try:
         x_adv = run(model, x, y)
     finally:
+        synchronize(x.device)  # a side's answer may still be queued on the GPU
         seconds = time.perf_counter() - started
         handle.remove()
     x_adv = torch.as_tensor(np.asarray(x_adv) if not isinstance(x_adv, torch.Tensor) else x_adv).float()
     with torch.no_grad():
-        broken = model(x_adv).argmax(1) != y
+        broken = model(x_adv.to(x.device)).argmax(1) != y
+    # Everything after the model's verdict is host-side bookkeeping.
+    x, x_adv, broken = x.cpu(), x_adv.cpu(), broken.cpu()
     in_box = bool(x_adv.min() >= 0 and x_adv.max() <= 1)
     size = torch.where(broken, norms(x, x_adv, norm), torch.tensor(math.inf, dtype=torch.float64))
     zero = (x_adv.flatten(1) == 0).all(1) & (x.flatten(1) != 0).any(1)
@@ -153,7 +164,8 @@ def foolbox_side(attack) -> Runner:
     import foolbox
 
     def run(model, x, y):
-        fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
+        # foolbox's default device is cuda:0 wherever CUDA exists: name the model's (that of x).
+        fmodel = foolbox.PyTorchModel(model, bounds=(0, 1), device=x.device)
         raw, _, _ = attack(fmodel, x, y, epsilons=None)
         return raw
 
@@ -170,8 +182,10 @@ def art_side(make) -> Runner:
             input_shape=tuple(x.shape[1:]),
             nb_classes=10,
             clip_values=(0.0, 1.0),
+            # ART's default is "gpu" wherever CUDA exists; "gpu" is the current CUDA device.
+            device_type="gpu" if x.device.type == "cuda" else "cpu",
         )
-        return make(classifier, len(y)).generate(x.numpy(), y.numpy())
+        return make(classifier, len(y)).generate(x.cpu().numpy(), y.cpu().numpy())
 
     return run
 
@@ -401,6 +415,7 @@ def main() -> None:
     parser.add_argument("--families", default="cw_l2,cw_l2_art,deepfool_l2,deepfool_linf,fmn_l2,fmn_linf")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the rows, settings and machine here")
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -414,11 +429,14 @@ def main() -> None:
     chosen = [m for m in args.models.split(",") if m]
     wanted = [f for f in args.families.split(",") if f]
     rows = []
-    print(f"threads {torch.get_num_threads()}  cpu {cpu_model()}  flags {','.join(cpu_flags())}")
+    print(
+        f"threads {torch.get_num_threads()}  cpu {cpu_model()}  flags {','.join(cpu_flags())}  "
+        f"device {describe(args.device)}"
+    )
     for label in chosen:
         method, epochs = recipes[label]
         started = time.perf_counter()
-        model = train_model(data, method, epochs)
+        model = train_model(data, method, epochs, args.device)
         x, y = correct_examples(model, data, args.num_examples)
         seconds = time.perf_counter() - started
         print(f"\nmodel {label}: {method}, {epochs} epochs, trained in {seconds:.1f} s; {len(y)} examples")
@@ -439,6 +457,7 @@ def main() -> None:
                 "cpu": cpu_model(),
                 "flags": cpu_flags(),
                 "torch_threads": torch.get_num_threads(),
+                "device": describe(args.device),
                 "torch": torch.__version__,
                 "foolbox": version("foolbox"),
                 "adversarial-robustness-toolbox": version("adversarial-robustness-toolbox"),

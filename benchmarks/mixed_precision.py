@@ -13,7 +13,10 @@ start from the same weights and alternate round by round, so drift on a noisy ma
 The median over rounds is kept, and round 0 (warm-up) is dropped. Prints a markdown table of ratios
 (bf16 time / fp32 time: above 1 means bf16 is slower), then whether "auto"'s choice was the faster one.
 
-    .venv/bin/python benchmarks/mixed_precision.py [--rounds 4] [--threads 2]
+    .venv/bin/python benchmarks/mixed_precision.py [--rounds 4] [--threads 2] [--device cpu]
+
+`--device cuda` measures the same steps on the GPU (autocast on "cuda", and "auto"'s pick for that GPU).
+`train_epoch`'s seconds include reading its sums back, so they wait for the GPU's queue.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import platform
 import statistics
 
 import torch
+from devices import add_device_option, describe
 
 from pipeline.config import AttackConfig, Config, ModelConfig
 from pipeline.methods import get_method
@@ -37,17 +41,17 @@ CASES = (
 )
 
 
-def _step(method_name: str, attack: AttackConfig, width: int, batch: int, precision: str):
+def _step(method_name: str, attack: AttackConfig, width: int, batch: int, precision: str, device: torch.device):
     arch = architecture(
         ModelConfig(name="small_cnn", width=width), shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,)
     )
     torch.manual_seed(0)  # the same initial weights for both precisions
-    model = build_model(arch)
+    model = build_model(arch).to(device)  # before the optimizer: it is built for the parameters' device
     optimizer = make_optimizer(model, Config().optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     plan = EpochPlan(method_name, get_method(method_name), attack, eps_for_step=lambda step: 0.1, attack_mode="eval")
-    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
+    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator(device=device).manual_seed(1), device=device)
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator(device=device).manual_seed(2), device=device)
 
     def step() -> float:
         return train_epoch(
@@ -57,8 +61,8 @@ def _step(method_name: str, attack: AttackConfig, width: int, batch: int, precis
             plan,
             optimizer=optimizer,
             scheduler=scheduler,
-            device=torch.device("cpu"),
-            generator=torch.Generator().manual_seed(3),
+            device=device,
+            generator=torch.Generator(device=device).manual_seed(3),
             precision=precision,
         )["seconds"]
 
@@ -69,11 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = args.device
 
     steps = {
-        (label, precision): _step(method, attack, width, batch, precision)
+        (label, precision): _step(method, attack, width, batch, precision, device)
         for label, method, attack, width, batch in CASES
         for precision in ("none", "bf16")
     }
@@ -84,11 +90,12 @@ def main() -> None:
             if round_index:
                 times.setdefault(key, []).append(seconds)
 
-    native = bf16_is_native(torch.device("cpu"))
+    native = bf16_is_native(device)
     auto = training_precision("auto", bf16_native=native)
     print(
-        f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, {args.rounds} rounds; bf16 hardware: {native}; auto picks: {auto}\n"
+        f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), device {describe(device)}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds; "
+        f"bf16 hardware: {native}; auto picks: {auto}\n"
     )
     print("| training step | fp32 (ms) | bf16 (ms) | bf16 / fp32 | faster | auto's pick |")
     print("|---|---:|---:|---:|---|---|")

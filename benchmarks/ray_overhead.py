@@ -14,7 +14,11 @@ row is a whole `run_training` (MLflow run on a sqlite store, checkpoint, test me
 worker's own training-epoch time (`time/train_s`) enters the epoch ratios, and start-up is taken
 apart from the run's `time/to_worker_s` / `time/worker_setup_s` metrics.
 
-    .venv/bin/python benchmarks/ray_overhead.py [--train-examples 8192] [--rounds 2] [--json F]
+    .venv/bin/python benchmarks/ray_overhead.py [--train-examples 8192] [--rounds 2] [--json F] [--device cpu]
+
+`--device cuda`: `plain` trains on the GPU and every Ray worker takes one (scaling.use_gpu = true), so
+ray-2x1 needs two GPUs (it is refused with fewer: two workers on one GPU is not the scaling it measures).
+Data loading and Ray Data stay on the CPUs. Epoch times come from `train_epoch`, which waits for the GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from devices import add_device_option, describe  # noqa: E402
 
 from pipeline import data as data_lib  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -59,7 +65,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--json", default="")
+    add_device_option(parser)
     args = parser.parse_args()
+    if args.device.type == "cuda" and torch.cuda.device_count() < 2:
+        parser.error(
+            f"--device cuda: the ray-2x1 row needs 2 GPUs (one per worker), this machine has "
+            f"{torch.cuda.device_count()}; use --device cpu"
+        )
 
     work = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     data = work / "data"
@@ -77,8 +89,10 @@ def main() -> None:
         "validation.num_steps=5",
     ]
 
+    use_gpu = "true" if args.device.type == "cuda" else "false"
+
     def config(*extra: str):
-        return load_config(args.recipe, overrides=[*common, *extra])
+        return load_config(args.recipe, overrides=[*common, f"scaling.use_gpu={use_gpu}", *extra])
 
     # Start-up pieces a user pays before any Ray work: the interpreter with our imports.
     started = time.perf_counter()
@@ -96,7 +110,7 @@ def main() -> None:
 
     def plain() -> dict:
         torch.set_num_threads(args.cpus)
-        _, _, reporter = fit_in_process(config())
+        _, _, reporter = fit_in_process(config(), device=args.device)
         epoch = reporter.metrics[1]
         return {"train_s": epoch["time/train_s"], "images_per_s": epoch["train/images_per_s"]}
 
@@ -146,7 +160,8 @@ def main() -> None:
     }
     print(
         f"# ray overhead: {args.train_examples} Fashion-MNIST train examples, fgsm_rs small_cnn, {args.cpus} CPUs, "
-        f"torch {torch.__version__}, {platform.machine()}; medians of {args.rounds} rounds"
+        f"device {describe(args.device)}, torch {torch.__version__}, {platform.machine()}; "
+        f"medians of {args.rounds} rounds"
     )
     print("| row | train epoch s | images/s |\n|---|---:|---:|")
     for name in rows:
@@ -158,7 +173,11 @@ def main() -> None:
     for key, value in startup.items():
         print(f"| {key} | {value:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"samples": samples, "ratios": ratios, "startup": startup}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": describe(args.device), "samples": samples, "ratios": ratios, "startup": startup}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

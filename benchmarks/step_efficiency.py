@@ -19,7 +19,11 @@ the batch, then our clean training step on its output), divided by the same floo
 Measurements are interleaved round by round (every row once per round) and the median over rounds is
 kept, so drift on a noisy machine hits all rows alike. Prints a markdown table; --json writes it too.
 
-    .venv/bin/python benchmarks/step_efficiency.py [--data data/fashion-mnist] [--steps 4] [--rounds 5]
+    .venv/bin/python benchmarks/step_efficiency.py [--data data/fashion-mnist] [--steps 4] [--rounds 5] [--device cpu]
+
+`--device cuda` times every row on the GPU: the batches are put there once (as the trainer places a split
+that fits), every timer waits for the device's queue, and ART's classifier is given the same GPU (its PGD
+still moves each batch through numpy: its design, and part of its time).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from devices import add_device_option, describe, synchronize
 
 from pipeline import data as data_lib
 from pipeline.config import AttackConfig, ModelConfig, OptimConfig
@@ -45,22 +50,27 @@ from pipeline.training.plan import EpochPlan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _batches(data: Path, batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(data: Path, batch_size: int, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x, y = data_lib.load_split(str(data), "train", max_examples=batch_size * count)
+    x, y = x.to(device), y.to(device)  # once, outside every timer: the rows time steps, not copies
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, batch_size * count, batch_size)]
 
 
-def _fresh(arch: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def _fresh(
+    arch: dict, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     torch.manual_seed(0)
-    model = build_model(arch)
+    model = build_model(arch).to(device)  # before the optimizer: it is built for the parameters' device
     config = OptimConfig(name="sgd", lr=0.01, lr_schedule="constant")
     optimizer = steps.make_optimizer(model, config)
     return model, optimizer, steps.make_scheduler(optimizer, config, total_epochs=1, steps_per_epoch=1)
 
 
-def _timed(fn: Callable[[], None]) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
     started = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -74,19 +84,20 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--no-art", action="store_true", help="skip the IBM ART row")
     parser.add_argument("--json", default="", help="also write the rows here")
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = args.device
 
     info = data_lib.validate_dataset(args.data)
     arch = architecture(
         ModelConfig(name="small_cnn"), shape=info.shape, num_classes=info.num_classes, mean=info.mean, std=info.std
     )
-    batches = _batches(Path(args.data), args.batch_size, args.steps)
+    batches = _batches(Path(args.data), args.batch_size, args.steps, device)
     eps = args.eps
 
     def method_step(name: str, attack: AttackConfig, replays: int = 1, awp_gamma: float = 0.0) -> Callable[[], None]:
-        model, optimizer, scheduler = _fresh(arch)
+        model, optimizer, scheduler = _fresh(arch, device)
         plan = EpochPlan(
             name,
             get_method(name),
@@ -96,7 +107,7 @@ def main() -> None:
             replays=replays,
             awp_gamma=awp_gamma,
         )
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
 
         def run() -> None:
             steps.train_epoch(
@@ -113,7 +124,7 @@ def main() -> None:
         return run
 
     def clean_step(scale: int = 1) -> Callable[[], None]:
-        model, optimizer, _ = _fresh(arch)
+        model, optimizer, _ = _fresh(arch, device)
 
         def run() -> None:
             for x, y in batches:
@@ -126,7 +137,7 @@ def main() -> None:
         return run
 
     def input_gradient() -> Callable[[], None]:
-        model, _, _ = _fresh(arch)
+        model, _, _ = _fresh(arch, device)
         model.eval()
 
         def run() -> None:
@@ -137,7 +148,7 @@ def main() -> None:
         return run
 
     def forward_only() -> Callable[[], None]:
-        model, _, _ = _fresh(arch)
+        model, _, _ = _fresh(arch, device)
 
         def run() -> None:
             with torch.no_grad():
@@ -151,14 +162,14 @@ def main() -> None:
         from art.attacks.evasion import ProjectedGradientDescentPyTorch
         from art.estimators.classification import PyTorchClassifier
 
-        model, optimizer, _ = _fresh(arch)
+        model, optimizer, _ = _fresh(arch, device)
         classifier = PyTorchClassifier(
             model=model,
             loss=torch.nn.CrossEntropyLoss(),
             input_shape=tuple(info.shape),
             nb_classes=info.num_classes,
             clip_values=(0.0, 1.0),
-            device_type="cpu",
+            device_type="gpu" if device.type == "cuda" else "cpu",  # ART's "gpu": the current CUDA device
         )
         attack = ProjectedGradientDescentPyTorch(
             classifier,
@@ -174,7 +185,7 @@ def main() -> None:
         def run() -> None:
             for x, y in batches:
                 model.eval()
-                x_adv = torch.from_numpy(attack.generate(x.numpy(), y=y.numpy()))
+                x_adv = torch.from_numpy(attack.generate(x.cpu().numpy(), y=y.cpu().numpy())).to(device)
                 model.train()
                 loss = F.cross_entropy(model(x_adv), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -207,7 +218,7 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, fn in rows.items():
-            samples[name].append(_timed(fn) / len(batches))
+            samples[name].append(_timed(fn, device) / len(batches))
     ms = {name: 1000 * statistics.median(values) for name, values in samples.items()}
 
     a, t, t2, f = ms["A"], ms["T"], ms["T2"], ms["F"]
@@ -229,7 +240,7 @@ def main() -> None:
     ]
     print(
         f"# step efficiency: small_cnn, batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}, "
-        f"{platform.machine()}; medians of {args.rounds} rounds x {args.steps} steps"
+        f"{platform.machine()}, device {describe(device)}; medians of {args.rounds} rounds x {args.steps} steps"
     )
     print(f"primitives (ms per batch): A fwd+bwd-to-input {a:.2f}  T clean step {t:.2f}  T2 {t2:.2f}  F {f:.2f}")
     print("| step | ms | floor ms | ratio to floor |\n|---|---:|---:|---:|")
@@ -237,7 +248,9 @@ def main() -> None:
         print(f"| {row['step']} | {row['ms']:.1f} | {row['floor_ms']:.1f} | **{row['ratio']:.3f}** |")
     if args.json:
         primitives = {"A": a, "T": t, "T2": t2, "F": f}
-        Path(args.json).write_text(json.dumps({"primitives_ms": primitives, "rows": table}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"device": describe(device), "primitives_ms": primitives, "rows": table}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ of each (epochs after the first, whose start-up is not the steady state) and the
 and 2N 56x56 images (the train split 4x and 8x data.memory_limit_mb as float32), one epoch of standard
 training each, streamed and in memory: bounded means it does not grow with N.
 
-    .venv/bin/python benchmarks/streaming_vs_memory.py [--images 10000] [--memory-images 16000] [--json F]
+    .venv/bin/python benchmarks/streaming_vs_memory.py [--images 10000] [--memory-images 16000] [--json F] \
+        [--device cpu]
+
+`--device cuda`: the worker trains on a GPU (scaling.use_gpu = true); decoding, Ray Data and the memory
+limit stay on the host, which is what this measures.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from devices import add_device_option, describe
 from PIL import Image
 
 from pipeline.config import load_config
@@ -66,6 +71,7 @@ def train(data: Path, loader: str, args, tmp: Path, *, name: str, method: str, e
             "validation.num_examples=200",
             "scaling.num_workers=1",
             "scaling.cpus_per_worker=1",
+            f"scaling.use_gpu={'true' if args.device.type == 'cuda' else 'false'}",
             f'tracking.uri="sqlite:///{tmp / "mlflow.db"}"',
             'tracking.registered_model=""',
             'tracking.experiment="streaming-benchmark"',
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", default="")
+    add_device_option(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="advtrain-streaming-"))
@@ -137,7 +144,7 @@ def report(rows: dict[str, dict], args, limit: float, started: float) -> None:
     n = args.memory_images
     print(
         f"# streaming vs in-memory, Fashion-MNIST as PNG/JPEG files; 1 Ray Train worker x 1 CPU, 1 CPU for Ray "
-        f"Data; {platform.machine()}; whole run {time.perf_counter() - started:.0f} s"
+        f"Data; {platform.machine()}, device {describe(args.device)}; whole run {time.perf_counter() - started:.0f} s"
     )
     print("| part | images (train split as float32) | loader | images/s | worker peak RSS MiB | val clean |")
     print("|---|---|---|---:|---:|---:|")
@@ -156,7 +163,11 @@ def report(rows: dict[str, dict], args, limit: float, started: float) -> None:
         f"{growth['ray_data']:+.0f} MiB, in-memory {growth['memory']:+.0f} MiB"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "rss_growth_mib": growth}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": describe(args.device), "rows": rows, "ratio": ratio, "rss_growth_mib": growth}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Two times are printed per method: the training seconds measured, and the same am
 at the run's median step time (steps x median ms). The second is what the ranking uses: a burst of
 other load on a shared machine inflates a few steps, not the median.
 
-    .venv/bin/python benchmarks/time_to_robustness.py [--target 0.70] [--budget-min 12] [--json F]
+    .venv/bin/python benchmarks/time_to_robustness.py [--target 0.70] [--budget-min 12] [--json F] [--device cpu]
+
+`--device cuda` trains and evaluates on the GPU; step times are then the synchronised ones `train_epoch`
+reports to `on_step` on CUDA.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from devices import add_device_option, describe
 
 from pipeline import data as data_lib
 from pipeline.config import load_config
@@ -37,7 +41,7 @@ RECIPES = ("fast", "free", "pgd", "trades", "mart")
 def run_recipe(recipe: str, args: argparse.Namespace, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
     config = load_config(ROOT / f"jobs/configs/fashion_mnist_{recipe}.toml", overrides=[f'data.path="{args.data}"'])
     info = data_lib.validate_dataset(args.data)
-    device = torch.device("cpu")
+    device = args.device
     steps_per_epoch = -(-info.num_rows("train") // config.data.batch_size)
     trace: list[dict] = []
     step_ms: list[float] = []
@@ -70,6 +74,7 @@ def run_recipe(recipe: str, args: argparse.Namespace, x_val: torch.Tensor, y_val
     median_ms = statistics.median(step_ms)
     return {
         "recipe": recipe,
+        "device": describe(device),
         "method": config.method.name,
         "median_step_ms": round(median_ms, 1),
         "reached": reached is not None,
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--val-examples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x_val, y_val = data_lib.load_split(args.data, "val", max_examples=args.val_examples)
@@ -99,7 +105,7 @@ def main() -> None:
     results.sort(key=lambda r: (not r["reached"], r["priced_s"]))
     print(
         f"# time to {args.target:.0%} PGD-20 robust accuracy (first {args.val_examples} val examples, eps 0.1), "
-        f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}; "
+        f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}, device {describe(args.device)}; "
         f"whole run {time.perf_counter() - started:.0f} s"
     )
     print("| rank | recipe | method | reached | steps | median step ms | priced min | measured min | best robust |")
