@@ -23,12 +23,11 @@ from torch import nn
 
 from pipeline.attacks.losses import margin_loss
 
-# Queries between two compactions of the still-unbroken examples, once the blocks have grown to it.
-# Compacting needs nonzero(), a host sync; keeping fooled examples in the batch costs forward passes
-# instead (they no longer change). Blocks of 1, 2, 4, ... queries first, because most examples that
-# break do so in the first queries (fixed blocks of 32 from the start cost ~1.5x on CPU for an
-# undefended model); then one sync per 32 queries: a few percent of wasted rows on CPU, and on a GPU
-# the stall amortised over 32 forward passes.
+# Queries between two compactions of the still-unbroken examples. Compacting needs nonzero(), a host
+# sync; between compactions the fooled examples stay in the batch (they no longer change) and cost
+# forward passes instead. Measured on CPU (64 examples, 1000 queries; small_cnn on 8x8 digits and on
+# 3x32x32): within +-5% of compacting every query, where most examples break early too, and no
+# different from blocks that grow 1, 2, 4, ... 32; on a GPU one stall per 32 forward passes.
 COMPACT_EVERY = 32
 
 
@@ -53,13 +52,9 @@ def p_selection(p_init: float, query: int, num_queries: int, *, rescale: bool = 
 
 
 def _blocks(num_queries: int) -> Iterator[range]:
-    """Queries 1..num_queries-1 in blocks of 1, 2, 4, ..., COMPACT_EVERY, COMPACT_EVERY, ...
-    (query 0 is the initialisation)."""
-    start, size = 1, 1
-    while start < num_queries:
-        stop = min(start + size, num_queries)
-        yield range(start, stop)
-        start, size = stop, min(2 * size, COMPACT_EVERY)
+    """Queries 1..num_queries-1 (query 0 is the initialisation) in blocks of COMPACT_EVERY."""
+    for start in range(1, num_queries, COMPACT_EVERY):
+        yield range(start, min(start + COMPACT_EVERY, num_queries))
 
 
 def _random_sign(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -112,7 +107,9 @@ def _window(grid: tuple[torch.Tensor, torch.Tensor], s: int, top: torch.Tensor, 
     return (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
 
 
-def _place(grid: tuple[torch.Tensor, torch.Tensor], pattern: torch.Tensor, top, left) -> torch.Tensor:
+def _place(
+    grid: tuple[torch.Tensor, torch.Tensor], pattern: torch.Tensor, top: torch.Tensor, left: torch.Tensor
+) -> torch.Tensor:
     """The (s,s) pattern at (top, left) in an (H,W) image of zeros."""
     s = pattern.shape[0]
     rows, cols = grid
@@ -131,7 +128,7 @@ def square(
     rescale_schedule: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Untargeted Square attack; x (N,C,H,W) in [0,1]. Queries stop per example once it is fooled.
+    """Untargeted Square attack; x (N,C,H,W) in [0,1]. An example stops changing once it is fooled.
 
     `rescale_schedule=False` is AutoAttack's setting (its SquareAttack(resc_schedule=False)): with 5000
     queries p halves at queries 10, 50, 200, 500, 1000, 2000, 4000 and ends at p_init/128; True stretches
@@ -198,14 +195,14 @@ def _l2_init(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> 
     n, c, h, w = x.shape
     delta = torch.zeros_like(x)
     s = max(h // 5, 1)
-    pattern = _meta_pseudo_gaussian(s, x.device).view(1, 1, s, s)
+    pattern = _meta_pseudo_gaussian(s, x.device)
     start = (h - s * 5) // 2
     vh = start
     for _ in range(h // s):
         vw = start
         for _ in range(w // s):
             if vh + s <= h and vw + s <= w:
-                tile = _maybe_transposed(pattern[0, 0], generator).view(1, 1, s, s)
+                tile = _maybe_transposed(pattern, generator).view(1, 1, s, s)
                 delta[:, :, vh : vh + s, vw : vw + s] += tile * _random_sign((n, c, 1, 1), generator, x.device)
             vw += s
         vh += s
