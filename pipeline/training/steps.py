@@ -66,7 +66,12 @@ def tensor_batches(
     indices = indices.to(x.device)
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
-        yield x[idx], y[idx]
+        if x.is_pinned():
+            # Gathered into pinned memory (torch caches those blocks), or the copy to the GPU would block.
+            xb = torch.empty((len(idx), *x.shape[1:]), dtype=x.dtype, device="cpu", pin_memory=True)
+            yield torch.index_select(x, 0, idx, out=xb), y[idx]
+        else:
+            yield x[idx], y[idx]
 
 
 def place_split(

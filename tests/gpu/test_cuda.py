@@ -97,3 +97,18 @@ def test_evaluate_chunk_on_cuda_returns_cpu_tensors():
     outputs = [result.clean_correct, result.predicted_adv, result.grid_x_adv, *result.robust_after.values()]
     assert all(t.device.type == "cpu" for t in outputs)
     assert result.clean_correct.shape == (32,) and set(result.robust_after) == {"apgd_ce", "apgd_t"}
+
+
+def test_a_split_too_big_for_the_gpu_is_pinned_and_batched_from_pinned_memory():
+    from pipeline.training.steps import device_batch, place_split, tensor_batches
+
+    x8 = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    y = torch.arange(10)
+    on_gpu, _ = place_split(x8, y, torch.device("cuda"))
+    assert on_gpu.is_cuda, "a small split lives on the GPU"
+    pinned, y_pinned = place_split(x8, y, torch.device("cuda"), max_fraction=0.0)
+    assert pinned.is_pinned() and not pinned.is_cuda
+    xb, yb = next(tensor_batches(pinned, y_pinned, torch.tensor([3, 1, 4]), 3))
+    assert xb.is_pinned() and torch.equal(xb, x8[[3, 1, 4]])
+    x, _ = device_batch(xb, yb, torch.device("cuda"))
+    assert x.is_cuda and x.dtype == torch.float32 and torch.equal(x.cpu(), x8[[3, 1, 4]].float() / 255)
