@@ -78,7 +78,7 @@ def capacity() -> dict[str, float]:
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config() or {}
-    except (ImportError, AttributeError, RuntimeError, ValueError):
+    except (ImportError, AttributeError, RuntimeError, ValueError, ray.exceptions.RayError):
         most = {}
     for key, value in most.items():
         resources[key] = max(resources.get(key, 0.0), float(value))

@@ -156,7 +156,10 @@ class MLflowReporter:
 
 def _quiet_report_logging() -> None:
     """Ray Train logs every report at INFO ("Reporting training result ...") from a logger named after
-    its module's file; the per-epoch line of rank 0 says the same, readably."""
+    its module's file; the per-epoch line of rank 0 says the same, readably. MLflow's system-metrics
+    monitor is quieted too."""
+    # It announces its start and stop (and "no GPU") at INFO on every run.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # a Ray version with another layout: keep its logs
