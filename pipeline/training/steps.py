@@ -163,8 +163,8 @@ def train_epoch(
     method's loss and its gradient are taken at the perturbed weights, the perturbation is undone, then
     the optimizer steps. Each rank perturbs along its own shard's gradient (no extra all-reduce); the
     all-reduced gradient steps identical unperturbed replicas, so they stay identical (the restore is
-    exact). The reported loss
-    and accuracy are those at the perturbed weights.
+    exact). The reported loss and accuracy are those at the perturbed weights. Sums stay on the device
+    until the end of the pass (one read-back per epoch).
     `on_step(step, seconds)` is called after each minibatch (all its replays) with that minibatch's
     training time; returning True ends the pass there (benchmarks that evaluate mid-epoch).
     `after_optimizer_step()` runs after every optimizer step (the weight average's update).
