@@ -268,6 +268,40 @@ def _surrogate(transfer_from: str | None, data_path: str, info, tracking_uri: st
     return surrogate
 
 
+def _data_and_threat_model(model_uri: str, resolved, *, data_path: str | None, norm: str | None, eps: float | None):
+    """The data (the one given, else the one the model was trained on), checked against the model, and the
+    threat model: (data_path, info, norm, eps)."""
+    params = tracking.run_params(resolved.tracking_uri, resolved.run_id) if resolved.run_id else {}
+    data_path = data_path or params.get("data.path")
+    if not data_path:
+        raise InputError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
+    norm, eps = _threat_model(params, norm, eps)
+    info = data_lib.read_metadata(data_path)
+    _check_data_fits(data_path, info, resolved.architecture, what="the model")
+    return data_path, info, norm, eps
+
+
+def _sanity(model_ref, x, y, result: ChunkResult, *, where: Placement, num_classes: int, attack: dict) -> dict:
+    """The sanity checks as one Ray task, placed like the chunks."""
+    task = _sanity_task.options(**where.options())
+    return ray.get(
+        task.remote(
+            model_ref, x, y, num_classes=num_classes, result=result, deterministic=where.deterministic, **attack
+        )
+    )
+
+
+def _model_info(model_uri: str, resolved) -> dict[str, Any]:
+    return {
+        "uri": model_uri,
+        "name": resolved.name,
+        "version": resolved.version,
+        "run_id": resolved.run_id,
+        "weights_sha256": resolved.weights_sha256,
+        "architecture": resolved.architecture["name"],
+    }
+
+
 def run_evaluation(
     model_uri: str,
     *,
@@ -301,25 +335,12 @@ def run_evaluation(
     `device`: auto (GPU tasks where the cluster has GPUs), cpu or cuda; `chunk_size`: examples per task
     (default 64 on CPUs, 500 on GPUs); `deterministic`: deterministic kernels (the report says which)."""
     started = time.perf_counter()
-    check_evaluation_request(
-        split=split,
-        eps=eps,
-        num_examples=num_examples,
-        out_dir=out_dir,
-        protocol=protocol,
-        device=device,
-        chunk_size=chunk_size,
-    )
+    request = {"split": split, "eps": eps, "num_examples": num_examples, "out_dir": out_dir, "protocol": protocol}
+    check_evaluation_request(**request, device=device, chunk_size=chunk_size)
     resolved = _resolved(
         model_uri, weights=weights, overrides=overrides or [], data_path=data_path, tracking_uri=tracking_uri
     )
-    params = tracking.run_params(resolved.tracking_uri, resolved.run_id) if resolved.run_id else {}
-    data_path = data_path or params.get("data.path")
-    if not data_path:
-        raise InputError(f"{model_uri}: no data.path recorded with the model; pass --data FOLDER")
-    norm, eps = _threat_model(params, norm, eps)
-    info = data_lib.read_metadata(data_path)
-    _check_data_fits(data_path, info, resolved.architecture, what="the model")
+    data_path, info, norm, eps = _data_and_threat_model(model_uri, resolved, data_path=data_path, norm=norm, eps=eps)
     surrogate = _surrogate(transfer_from, data_path, info, tracking_uri or resolved.tracking_uri)
     x, y = data_lib.load_split(data_path, split, max_examples=num_examples)
     init_ray(ray_address)  # only now: every input above is checked without starting anything
@@ -331,28 +352,13 @@ def run_evaluation(
     result = _evaluate_sharded(model_ref, x, y, where=where, progress=progress, surrogate_ref=surrogate_ref, **attack)
     sanity = None
     if protocol in ("standard", "minimal") if run_sanity is None else run_sanity:
-        task = _sanity_task.options(**where.options())
-        sanity = ray.get(
-            task.remote(
-                model_ref, x, y, num_classes=info.num_classes, result=result, deterministic=deterministic, **attack
-            )
-        )
-    model_info = {
-        "uri": model_uri,
-        "name": resolved.name,
-        "version": resolved.version,
-        "run_id": resolved.run_id,
-        "weights_sha256": resolved.weights_sha256,
-        "architecture": resolved.architecture["name"],
-    }
-    data_info = {"path": str(data_path), "split": split, "source": info.source}
-    seconds = time.perf_counter() - started
+        sanity = _sanity(model_ref, x, y, result, where=where, num_classes=info.num_classes, attack=attack)
     rep = report(
         result,
         sanity=sanity,
-        model_info=model_info,
-        data_info=data_info,
-        seconds=seconds,
+        model_info=_model_info(model_uri, resolved),
+        data_info={"path": str(data_path), "split": split, "source": info.source},
+        seconds=time.perf_counter() - started,
         surrogate=transfer_from,
         **attack,
     )

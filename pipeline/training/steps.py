@@ -175,44 +175,20 @@ def train_epoch(
     # Sums stay on the device: reading a loss back every step would stall a GPU's queue once per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    count, eps = 0, 0.0
-    started = time.perf_counter()
+    count, eps, started = 0, 0.0, time.perf_counter()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     layout = input_memory_format(attack_model)
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
-    awp: dict[str, Callable[[Callable[[], torch.Tensor]], None]] = {}
-    if plan.awp_gamma > 0:
-        awp["perturb_weights"] = lambda loss_fn: originals.extend(
-            perturb_weights(attack_model, loss_fn, gamma=plan.awp_gamma)
-        )
+    options = {"attack": plan.attack, "attack_mode": plan.attack_mode, "generator": generator}
+    options.update(_awp_hook(plan, attack_model, originals))
     for step, (x, y) in enumerate(batches):
         step_started = time.perf_counter()
-        x, y = device_batch(x, y, device)
-        if plan.augment == "crop_flip":
-            x = crop_flip(x, generator)
-        x = x.contiguous(memory_format=layout)
+        x, y = _device_input(x, y, plan, device=device, generator=generator, layout=layout)
         eps = plan.eps_for_step(step)
         for _ in range(plan.replays):
             with autocast:
-                loss, logits = plan.method(
-                    model,
-                    attack_model,
-                    x,
-                    y,
-                    attack=plan.attack,
-                    eps=eps,
-                    attack_mode=plan.attack_mode,
-                    generator=generator,
-                    **awp,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            restore_weights(originals)  # between the backward and the step: see restore_weights
-            originals.clear()
-            optimizer.step()
-            scheduler.step()
-            if after_optimizer_step is not None:
-                after_optimizer_step()
+                loss, logits = plan.method(model, attack_model, x, y, eps=eps, **options)
+            _optimizer_step(loss, originals, optimizer, scheduler, after_optimizer_step)
             with torch.no_grad():
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.argmax(1) == y).sum()
@@ -224,3 +200,33 @@ def train_epoch(
                 break
     sums = {"loss_sum": float(loss_sum), "correct": float(correct), "count": float(count)}  # one sync per epoch
     return {**sums, "seconds": time.perf_counter() - started, "eps": eps, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _awp_hook(plan: EpochPlan, attack_model: nn.Module, originals: list) -> dict[str, Callable]:
+    """The method's `perturb_weights` argument when AWP is on: it perturbs and keeps the originals."""
+    if plan.awp_gamma <= 0:
+        return {}
+    return {
+        "perturb_weights": lambda loss_fn: originals.extend(
+            perturb_weights(attack_model, loss_fn, gamma=plan.awp_gamma)
+        )
+    }
+
+
+def _device_input(x, y, plan: EpochPlan, *, device: torch.device, generator, layout) -> tuple:
+    """A batch on the device as float pixels, augmented as the plan says, in the model's memory format."""
+    x, y = device_batch(x, y, device)
+    if plan.augment == "crop_flip":
+        x = crop_flip(x, generator)
+    return x.contiguous(memory_format=layout), y
+
+
+def _optimizer_step(loss, originals: list, optimizer, scheduler, after_optimizer_step) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    restore_weights(originals)  # between the backward and the step: see restore_weights
+    originals.clear()
+    optimizer.step()
+    scheduler.step()
+    if after_optimizer_step is not None:
+        after_optimizer_step()
